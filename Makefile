@@ -1,0 +1,55 @@
+# minijamba — every target installs what it needs through `setup` (a .venv keyed on the pinned requirements).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The stamp changes whenever pyproject.toml or requirements.txt does, so `setup` re-runs exactly then.
+STAMP  := $(VENV)/.setup-$(shell cat pyproject.toml requirements.txt | sha256sum | cut -c1-16)
+export MPLBACKEND := Agg
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test lint format lessons figures train sample bench cuda-check clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv and install the pinned dependencies (skipped when up to date)
+
+$(STAMP): pyproject.toml requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.txt -e '.[test,lessons]'
+	rm -f $(VENV)/.setup-*
+	touch $@
+
+lint: setup ## ruff lint and format check (package, tests, lessons)
+	$(VENV)/bin/ruff check minijamba tests lessons
+	$(VENV)/bin/ruff format --check minijamba tests lessons
+
+format: setup ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix minijamba tests lessons
+	$(VENV)/bin/ruff format minijamba tests lessons
+
+test: lint ## lint, then every test and every lesson (nbmake); fails on any failure or on no tests
+	$(PY) -m pytest tests
+	$(PY) -m pytest --nbmake --nbmake-timeout=600 lessons
+
+lessons: setup ## execute every lesson notebook, refreshing figures/
+	$(PY) -m pytest --nbmake --nbmake-timeout=600 lessons
+
+figures: lessons ## regenerate every figure (lessons now; benchmarks add theirs when they land)
+
+train: setup ## train a small Jamba on TinyStories and print stories
+	@echo "make train: coming in a later issue (training on TinyStories)"; exit 1
+
+sample: setup ## sample stories from the checkpoint `make train` wrote
+	@echo "make sample: coming in a later issue (sampling CLI)"; exit 1
+
+bench: setup ## run the benchmarks, print their tables, write figures/bench_*.png
+	@echo "make bench: coming in a later issue (scan benchmark)"; exit 1
+
+cuda-check: setup ## on a GPU machine: build the CUDA extension, run CUDA tests and the GPU benchmark
+	@echo "make cuda-check: coming in a later issue (fused CUDA scan)"; exit 1
+
+clean: ## remove caches and build outputs (keeps .venv)
+	rm -rf build .pytest_cache .hypothesis .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,180 @@
+"""The selective scan in torch: three readable implementations of one recurrence, all checked against the oracle.
+
+Mamba §3.3 (Algorithm 2). For every batch element, channel d and state index n, the selective SSM is the
+first-order linear recurrence
+    x_t = a_t · x_{t-1} + b_t,    a_t = exp(delta_t · A)  (= A_bar),   b_t = delta_t · B_t · u_t  (= B_bar u),
+    y_t = C_t · x_t + D · u_t,    then y_t *= silu(z_t).
+Because a_t, b_t depend on the input, there is no convolution kernel (lesson 01's trick is gone), but the
+recurrence is still associative: composing step 1 then step 2 is again a step,
+    (a1, b1) ∘ (a2, b2) = (a1·a2, a2·b1 + b2),    identity (1, 0),
+so it can be computed as a parallel prefix scan. The implementations:
+    "sequential"  the plain loop over L: L steps of depth 1. The clarity baseline.
+    "parallel"    Hillis–Steele: log2(L) rounds, round k combines each position with the one 2^k before it.
+                  O(L log L) work, depth log L; materialises (batch, dim, L, d_state).
+    "chunked"     chunks of T steps, parallel inside a chunk, the state carried between chunks. Only one
+                  chunk's (batch, dim, T, d_state) tensor exists at a time, and with autograd each chunk is
+                  recomputed in the backward pass (activation checkpointing) from its carried-in state, as the
+                  official CUDA kernel does with its chunk-boundary states.
+    "auto"        the best available (the chunked torch scan until the fused kernels of lesson 06 land).
+
+Glossary (code name — symbol in the Mamba paper):
+    u            — x, the input (batch, dim, L)
+    x            — h, the hidden state (batch, dim, d_state)
+    delta        — Δ (batch, dim, L), made positive by softplus
+    A            — A (dim, d_state), real and negative;  a = exp(ΔA) = A_bar
+    B, C         — B, C: (dim, d_state) time-invariant, (batch, d_state, L) selective, (batch, groups, d_state, L)
+    b            — B_bar u = Δ B u (Mamba's Euler rule for B)
+    D            — D, the skip;  z — the gate branch
+    dim, d_state — D and N in the paper
+
+Never divide by cumulative products and never form exp(cumsum(delta·A)) differences: both overflow or lose
+every digit on long sequences (the failure of a popular pure-PyTorch scan whose sequential and parallel modes
+disagree). The Hillis–Steele rounds below only multiply numbers that are each at most 1 in magnitude.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .reference import check_selective_scan_shapes
+
+__all__ = ["selective_scan", "IMPLS", "DEFAULT_CHUNK"]
+
+DEFAULT_CHUNK = 64
+
+
+def softplus(x):
+    """log(1 + e^x), exact at every x (F.softplus returns x itself above 20; the reference does not)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
+def _per_step(M, dim, t0, t1):
+    """B or C for steps t0..t1-1 as (batch or 1, dim or 1, T or 1, d_state), ready to broadcast."""
+    if M.dim() == 2:  # (dim, N): the same at every step
+        return M[None, :, None, :]  # (1, dim, 1, N)
+    if M.dim() == 3:  # (batch, N, L): one per step, shared by all channels
+        return M[:, None, :, t0:t1].transpose(-1, -2)  # (batch, 1, T, N)
+    groups = M.shape[1]  # (batch, G, N, L): channel d reads group d // (dim // G)
+    return M[..., t0:t1].repeat_interleave(dim // groups, dim=1).transpose(-1, -2)  # (batch, dim, T, N)
+
+
+def _coefficients(u, delta, A, B, t0, t1):
+    """a = exp(delta·A) and b = delta·B·u for steps t0..t1-1: each (batch, dim, T, d_state)."""
+    dt = delta[:, :, t0:t1, None]  # (batch, dim, T, 1)
+    a = torch.exp(dt * A[:, None, :])  # (batch, dim, T, N)
+    b = (dt * u[:, :, t0:t1, None]) * _per_step(B, u.shape[1], t0, t1)  # (batch, dim, T, N)
+    return a, b
+
+
+def _readout(x, C, t0, t1):
+    """y_t = C_t · x_t for a run of states x: (batch, dim, T, N) -> (batch, dim, T)."""
+    return (x * _per_step(C, x.shape[1], t0, t1)).sum(-1)
+
+
+def _scan_sequential(u, delta, A, B, C, x):
+    """The loop over L, one step at a time. O(L) Python steps — the clarity baseline."""
+    ys = []
+    for t in range(u.shape[-1]):
+        a, b = _coefficients(u, delta, A, B, t, t + 1)  # (batch, dim, 1, N)
+        x = a[:, :, 0] * x + b[:, :, 0]  # (batch, dim, N)
+        ys.append(_readout(x[:, :, None], C, t, t + 1))  # (batch, dim, 1)
+    return torch.cat(ys, dim=-1), x
+
+
+def _hillis_steele(a, b):
+    """Inclusive prefix scan of (a, b) pairs along dim 2: returns (prod a_1..a_t, x_t with x_0 = 0).
+
+    Round with offset k: position t absorbs the pair k steps before it, (a, b)[t-k] ∘ (a, b)[t], so after
+    rounds 1, 2, 4, ... position t summarises steps max(0, t-2k+1)..t. Out of place, so autograd can see it.
+    """
+    L, k = a.shape[2], 1
+    while k < L:
+        b = torch.cat([b[:, :, :k], a[:, :, k:] * b[:, :, :-k] + b[:, :, k:]], dim=2)
+        a = torch.cat([a[:, :, :k], a[:, :, k:] * a[:, :, :-k]], dim=2)
+        k *= 2
+    return a, b
+
+
+def _scan_chunk(u, delta, A, B, C, x0, t0, t1):
+    """Steps t0..t1-1 from state x0: (y (batch, dim, T), last state (batch, dim, N))."""
+    a, b = _coefficients(u, delta, A, B, t0, t1)
+    a_prefix, x = _hillis_steele(a, b)
+    x = x + a_prefix * x0[:, :, None]  # (batch, dim, T, N): x_t = (a_1..a_t) x_0 + scan of b
+    return _readout(x, C, t0, t1), x[:, :, -1]
+
+
+def _scan_parallel(u, delta, A, B, C, x0):
+    return _scan_chunk(u, delta, A, B, C, x0, 0, u.shape[-1])
+
+
+def _scan_chunked(u, delta, A, B, C, x0, chunk=DEFAULT_CHUNK):
+    ys, x = [], x0
+    for t0 in range(0, u.shape[-1], chunk):
+        t1 = min(t0 + chunk, u.shape[-1])
+        if torch.is_grad_enabled():  # keep only x at chunk boundaries; recompute the chunk in backward
+            y, x = checkpoint(_scan_chunk, u, delta, A, B, C, x, t0, t1, use_reentrant=False)
+        else:
+            y, x = _scan_chunk(u, delta, A, B, C, x, t0, t1)
+        ys.append(y)
+    return torch.cat(ys, dim=-1), x
+
+
+IMPLS = {"sequential": _scan_sequential, "parallel": _scan_parallel, "chunked": _scan_chunked}
+
+
+def _check_tensors(u, tensors, impl):
+    if impl != "auto" and impl not in IMPLS:
+        raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
+    if u.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"u must be float32 or float64, got {u.dtype}")
+    for name, t in tensors.items():
+        if t is None and name not in ("delta", "A", "B", "C"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != u.dtype:
+            raise ValueError(f"{name} must have u's dtype {u.dtype}, got {t.dtype}")
+        if t.device != u.device:
+            raise ValueError(f"{name} must be on u's device {u.device}, got {t.device}")
+    if u.dim() != 3 or u.shape[-1] == 0:
+        raise ValueError(f"u must have shape (batch, dim, L) with L >= 1, got {tuple(u.shape)}")
+
+
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    initial_state=None,
+    impl="auto",
+):
+    """The selective scan, with the arguments and semantics of `reference.selective_scan_ref`.
+
+    u, delta, z: (batch, dim, L);  A: (dim, N);  D, delta_bias: (dim,);  initial_state: (batch, dim, N);
+    B, C: (dim, N) time-invariant, (batch, N, L) selective, or (batch, groups, N, L) grouped.
+    Returns y: (batch, dim, L), and the last state (batch, dim, N) when return_last_state; a scan of [u1, u2]
+    equals a scan of u1 and then of u2 from its last state. float32 or float64; differentiable in everything.
+    """
+    if not isinstance(u, torch.Tensor):
+        raise ValueError(f"u must be a torch.Tensor, got {type(u).__name__}")
+    tensors = dict(delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
+    _check_tensors(u, tensors, impl)
+    check_selective_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = softplus(delta)
+    x0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state
+    y, last_state = IMPLS["chunked" if impl == "auto" else impl](u, delta, A, B, C, x0)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return (y, last_state) if return_last_state else y

@@ -1,0 +1,55 @@
+"""The one tolerance table of the test suite, and the comparison every test uses.
+
+A check passes when  max|actual - expected| <= rtol * max(|expected|) + atol : the error is measured against
+the scale of the whole expected tensor (an infinity-norm relative error). An elementwise rtol would fail on
+entries that are near zero only through cancellation, where no algorithm can keep relative accuracy.
+atol is a floor for expected tensors that are exactly zero.
+
+Starting point: torch.testing.assert_close's defaults, float64 rtol 1e-7 and float32 rtol 1.3e-6. Each row says
+why it is tighter or looser than that.
+"""
+
+import numpy as np
+import torch
+
+TOLERANCES = {
+    # Two float64 routes to one matrix (block expm vs closed form vs scipy): a few dozen roundings.
+    "discretize": (1e-10, 1e-14),
+    # Recurrence vs FFT convolution in float64: the FFT adds O(log L) roundings per output over L terms.
+    "conv_vs_recurrence": (1e-9, 1e-13),
+    # The torch S4D layer against the NumPy reference (same formulas, different libraries), float64.
+    "s4d_vs_reference": (1e-10, 1e-13),
+    # S4D convolution mode vs recurrent mode: powers A_bar^k via exp(k·log) vs repeated products.
+    "s4d_modes_float64": (1e-8, 1e-12),
+    # float32 has 6e-8 unit roundoff; an FFT convolution of length L loses about log2(L)·L·eps in the worst case.
+    "s4d_modes_float32": (1e-4, 1e-6),
+    # Selective scans vs selective_scan_ref: float64 is a pure rounding comparison.
+    "scan_float64": (1e-10, 1e-13),
+    # float32 scans at L <= 4096: ten times tighter than the official kernel's tests (rtol 6e-4, atol 2e-3).
+    "scan_float32": (1e-5, 1e-6),
+}
+
+
+def _as_numpy(t):
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().resolve_conj().numpy()
+    return np.asarray(t)
+
+
+def max_error(actual, expected):
+    """(max |actual - expected|, max |expected|), as float64 numbers for a failure message."""
+    a, e = _as_numpy(actual), _as_numpy(expected)
+    assert a.shape == e.shape, f"shape mismatch: actual {a.shape}, expected {e.shape}"
+    diff = np.abs(a.astype(np.complex128) - e.astype(np.complex128))
+    return float(diff.max(initial=0.0)), float(np.abs(e).max(initial=0.0))
+
+
+def assert_close(actual, expected, kind, what=""):
+    """Assert actual ≈ expected under TOLERANCES[kind]; the message reports the max difference and the bound."""
+    rtol, atol = TOLERANCES[kind]
+    err, scale = max_error(actual, expected)
+    bound = rtol * scale + atol
+    assert np.isfinite(err) and err <= bound, (
+        f"{what or kind}: max |diff| = {err:.3e} > {bound:.3e} "
+        f"(rtol {rtol:g} x max|expected| {scale:.3e} + atol {atol:g})"
+    )
