@@ -84,13 +84,15 @@ def _scan_sequential(u, delta, A, B, C, x):
 def _hillis_steele(a, b):
     """Inclusive prefix scan of (a, b) pairs along dim 2: returns (prod a_1..a_t, x_t with x_0 = 0).
 
-    Round with offset k: position t absorbs the pair k steps before it, (a, b)[t-k] ∘ (a, b)[t], so after
-    rounds 1, 2, 4, ... position t summarises steps max(0, t-2k+1)..t. Out of place, so autograd can see it.
+    Round with offset k: position t absorbs the pair k steps before it, (a, b)[t-k] ∘ (a, b)[t]; positions
+    t < k absorb the identity (1, 0) instead (the padding). After rounds k = 1, 2, 4, ... position t summarises
+    steps max(1, t-2k+1)..t, so log2(L) rounds finish. Out of place, so autograd can see every round.
     """
     L, k = a.shape[2], 1
     while k < L:
-        b = torch.cat([b[:, :, :k], a[:, :, k:] * b[:, :, :-k] + b[:, :, k:]], dim=2)
-        a = torch.cat([a[:, :, :k], a[:, :, k:] * a[:, :, :-k]], dim=2)
+        a_before = F.pad(a[:, :, :-k], (0, 0, k, 0), value=1.0)  # (batch, dim, L, N): a[t-k], or 1
+        b_before = F.pad(b[:, :, :-k], (0, 0, k, 0), value=0.0)  # b[t-k], or 0
+        a, b = a_before * a, a * b_before + b
         k *= 2
     return a, b
 
