@@ -36,7 +36,7 @@ test: lint ## lint, then every test and every lesson (nbmake); fails on any fail
 lessons: setup ## execute every lesson notebook, refreshing figures/
 	$(PY) -m pytest --nbmake --nbmake-timeout=600 lessons
 
-figures: lessons ## regenerate every figure (lessons now; benchmarks add theirs when they land)
+figures: lessons bench ## regenerate every figure: the lessons' and the benchmarks'
 
 train: setup ## train a small Jamba on TinyStories and print stories
 	@echo "make train: coming in a later issue (training on TinyStories)"; exit 1
@@ -44,8 +44,9 @@ train: setup ## train a small Jamba on TinyStories and print stories
 sample: setup ## sample stories from the checkpoint `make train` wrote
 	@echo "make sample: coming in a later issue (sampling CLI)"; exit 1
 
-bench: setup ## run the benchmarks, print their tables, write figures/bench_*.png
-	@echo "make bench: coming in a later issue (scan benchmark)"; exit 1
+bench: setup ## run the benchmarks, print their tables, write figures/bench_*.png (minutes)
+	$(PY) -m minijamba.bench scan
+	$(PY) -m minijamba.bench decode
 
 cuda-check: setup ## on a GPU machine: build the CUDA extension, run CUDA tests and the GPU benchmark
 	@echo "make cuda-check: coming in a later issue (fused CUDA scan)"; exit 1

@@ -1,0 +1,400 @@
+"""The Mamba block and a Mamba language model, with an O(1)-per-token inference cache and HF checkpoints.
+
+Gu & Dao 2023, §3.4 "A Simplified SSM Architecture" and Figure 3. One block (MambaMixer) reads x (batch, L, d_model):
+    x, z = in_proj(x)                     two branches of width d_inner = expand · d_model
+    x = SiLU(causal depthwise conv1d(x))  each channel mixes its last d_conv inputs: the only local mixing
+    y = SSM(x) + D·x                      the selective SSM of s6.py (Δ, B, C read from x), D the skip
+    out = out_proj(y · SiLU(z))           the gate z plays the role of a gated MLP's second branch
+and the model is the usual pre-norm residual stack: h = h + mixer(RMSNorm(h)), a final RMSNorm, and an LM head tied
+to the embedding. With `inner_norms`, RMSNorms on Δ's rank-R input, B and C (Jamba paper §6.4) follow x_proj.
+
+Inference (§3.4, "Mamba ... has constant time and memory per step"): everything a block needs from the past is
+    conv_state (batch, d_inner, d_conv)   the last d_conv conv inputs, newest last
+    ssm_state  (batch, d_inner, N)        the SSM's hidden state h
+so `forward(ids, cache)` runs a whole prompt in parallel and leaves the cache at its end (a second call continues
+from it: chunked prefill), and `step(token, cache)` advances one token in O(1) time and memory at any context length.
+
+Glossary (code name — symbol in the paper):
+    d_model      — D, the model width;  d_inner — E·D, the expanded width (expand = E = 2)
+    d_state      — N, the SSM state size;  dt_rank — R, the rank of Δ's projection
+    d_conv       — the conv1d kernel width (4)
+    x, z         — the two outputs of in_proj: the SSM branch and the gate branch of Figure 3
+    conv_state   — the conv's input window;  ssm_state — h, the SSM's hidden state (batch, E·D, N)
+    A_log, D     — log(-A) and the skip D, in `mixer.ssm` (see s6.py)
+
+Where this differs from the official `mamba_simple.py` / `mixer_seq_simple.py` and HF `MambaMixer`, and why:
+  - The conv has no padding: its left context is the conv_state window (zeros for a fresh sequence, which is the
+    official padding of d_conv − 1 zeros), so forward and step share the conv, and a forward continues a cache.
+    It is written out as d_conv multiply-adds (`depthwise_causal_conv`) rather than calling torch's conv1d.
+  - The official forward with a cache only takes one token after the prompt; ours takes any number (chunked prefill).
+  - The vocabulary is not padded to a multiple of 8 (the official pad_vocab_size_multiple); HF does not pad either,
+    and its checkpoints store the padded size (50280) as vocab_size.
+  - No fused add+norm: h + mixer(norm(h)) computed plainly (the same numbers). No attention_mask / left padding.
+  - residual_in_fp32 promotes the residual stream to at least float32 (HF casts to float32, which would round a
+    float64 model); RMSNorm likewise computes in at least float32.
+  - Init follows the official `_init_weights` (embedding N(0, 0.02), Linear biases zero except dt_proj's, out_proj
+    divided by sqrt(n_layer), default conv1d init); HF instead zeroes the conv bias and uses initializer_range 0.1.
+  - Config fields keep the official names (d_model, n_layer, ...); HF_CONFIG_NAMES maps them to config.json's.
+"""
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import (
+    CheckpointError,
+    check_tensors,
+    load_config,
+    load_tensors,
+    rename,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+)
+from .s6 import SelectiveSSM
+
+__all__ = [
+    "RMSNorm",
+    "MambaConfig",
+    "depthwise_causal_conv",
+    "MambaMixer",
+    "MambaBlock",
+    "MambaCache",
+    "MambaLM",
+    "sample_next",
+]
+
+# MambaConfig field -> HF transformers MambaConfig field (config.json). inner_norms has no HF Mamba counterpart.
+# rescale_prenorm_residual is left out on purpose: it only shapes a fresh init, and transformers 5.x applies it to
+# loaded weights as well (it divides the checkpoint's out_proj by sqrt(n_layer) when config.json says true).
+HF_CONFIG_NAMES = {
+    "d_model": "hidden_size",
+    "n_layer": "num_hidden_layers",
+    "vocab_size": "vocab_size",
+    "d_state": "state_size",
+    "d_conv": "conv_kernel",
+    "expand": "expand",
+    "dt_rank": "time_step_rank",
+    "dt_min": "time_step_min",
+    "dt_max": "time_step_max",
+    "dt_init_floor": "time_step_floor",
+    "conv_bias": "use_conv_bias",
+    "bias": "use_bias",
+    "norm_eps": "layer_norm_epsilon",
+    "residual_in_fp32": "residual_in_fp32",
+    "tie_embeddings": "tie_word_embeddings",
+    "inner_norms": "inner_norms",
+}
+
+# Our parameter names -> HF MambaForCausalLM's, as (our prefix, HF prefix), first match wins; both from_pretrained
+# and save_pretrained use it. HF nests the model in `backbone.`, says `embeddings`, and keeps the SSM's parameters
+# (x_proj, dt_proj, A_log, D) directly in the mixer, where we group them in `mixer.ssm`. The inner norms take HF
+# Jamba's names. A tied lm_head is not stored (HF does not store it either).
+HF_NAMES = (
+    ("embedding.", "backbone.embeddings."),
+    ("layers.{i}.mixer.ssm.dt_norm.", "backbone.layers.{i}.mixer.dt_layernorm."),
+    ("layers.{i}.mixer.ssm.B_norm.", "backbone.layers.{i}.mixer.b_layernorm."),
+    ("layers.{i}.mixer.ssm.C_norm.", "backbone.layers.{i}.mixer.c_layernorm."),
+    ("layers.{i}.mixer.ssm.", "backbone.layers.{i}.mixer."),
+    ("layers.{i}.", "backbone.layers.{i}."),
+    ("norm_f.", "backbone.norm_f."),
+    ("lm_head.", "lm_head."),
+)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight over the last dim, computed in at least float32 (as HF MambaRMSNorm)."""
+
+    def __init__(self, d, eps=1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+@dataclass
+class MambaConfig:
+    """A Mamba LM's shape and init, with the official mamba_ssm names; HF_CONFIG_NAMES gives config.json's."""
+
+    d_model: int = 64
+    n_layer: int = 2
+    vocab_size: int = 256
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"  # "auto": ceil(d_model / 16)
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    bias: bool = False  # in_proj and out_proj
+    inner_norms: bool = False  # Jamba's RMSNorms on Δ, B, C
+    norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+    rescale_prenorm_residual: bool = True  # init: out_proj / sqrt(n_layer)
+
+    def __post_init__(self):
+        if self.dt_rank == "auto":
+            self.dt_rank = math.ceil(self.d_model / 16)
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def d_inner(self):
+        return self.expand * self.d_model
+
+    def to_hf(self):
+        """The config.json dict of HF MambaForCausalLM."""
+        mapped = {hf: getattr(self, ours) for ours, hf in HF_CONFIG_NAMES.items()}
+        extra = {"intermediate_size": self.d_inner, "hidden_act": "silu"}
+        return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", **extra, **mapped}
+
+    @classmethod
+    def from_hf(cls, hf):
+        """From a HF Mamba config.json dict; fields it lacks take HF's defaults (the same as ours)."""
+        for key, expected in (("model_type", "mamba"), ("hidden_act", "silu")):
+            if hf.get(key, expected) != expected:
+                raise CheckpointError(f"config.json: {key} is {hf[key]!r}; this loader reads {expected!r} only")
+        config = cls(**{ours: hf[name] for ours, name in HF_CONFIG_NAMES.items() if name in hf})
+        if hf.get("intermediate_size", config.d_inner) != config.d_inner:
+            raise CheckpointError(f"config.json: intermediate_size {hf['intermediate_size']} != expand · hidden_size")
+        return config
+
+
+def depthwise_causal_conv(window, weight, bias=None):
+    """Each channel's own kernel over its window, no padding: (batch, d_inner, d_conv - 1 + L) -> (batch, d_inner, L).
+
+    out[t] = Σ_j weight[j] · window[t + j] (+ bias): output t reads the d_conv inputs that end at input t. Written
+    as d_conv shifted multiply-adds because torch's CPU conv1d is slow and erratic for depthwise kernels (measured
+    0.1 to 40 ms for one decode step's (1, 768, 4) window, torch 2.13), more than the whole rest of a step.
+    """
+    d_conv = weight.shape[-1]
+    L = window.shape[-1] - d_conv + 1
+    out = sum(weight[:, 0, j, None] * window[:, :, j : j + L] for j in range(d_conv))  # (batch, d_inner, L)
+    return out if bias is None else out + bias[:, None]
+
+
+class MambaMixer(nn.Module):
+    """The Mamba block of Figure 3: (batch, L, d_model) -> (batch, L, d_model), plus its state after the last token."""
+
+    def __init__(self, config, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        d_inner, self.d_conv = config.d_inner, config.d_conv
+        self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.bias, **factory)
+        # Holds the depthwise kernel (HF's name and shape (d_inner, 1, d_conv), torch's default init); the conv itself
+        # is depthwise_causal_conv, with no padding: the left context is the conv_state window.
+        self.conv1d = nn.Conv1d(d_inner, d_inner, config.d_conv, groups=d_inner, bias=config.conv_bias, **factory)
+        # Jamba's Δ, B, C norms take the model's norm eps, as HF Jamba's take its rms_norm_eps (1e-6 there).
+        norm = partial(RMSNorm, eps=config.norm_eps, **factory) if config.inner_norms else None
+        self.ssm = SelectiveSSM(
+            d_inner,
+            config.d_state,
+            config.dt_rank,
+            config.dt_min,
+            config.dt_max,
+            config.dt_init_floor,
+            inner_norm=norm,
+            **factory,
+        )
+        self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias, **factory)
+
+    def empty_state(self, batch):
+        """The state before the first token, zeros: (conv_state, ssm_state)."""
+        w = self.in_proj.weight
+        conv_state = w.new_zeros(batch, self.ssm.d_inner, self.d_conv)  # (batch, d_inner, d_conv)
+        return conv_state, w.new_zeros(batch, self.ssm.d_inner, self.ssm.d_state)  # (batch, d_inner, N)
+
+    def forward(self, hidden, state=None):
+        """hidden (batch, L, d_model), state from empty_state / a previous call -> (out, state after the last token)."""
+        conv_state, ssm_state = self.empty_state(hidden.shape[0]) if state is None else state
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
+        window = torch.cat([conv_state[:, :, 1:], x], dim=-1)  # (batch, d_inner, d_conv - 1 + L)
+        x = F.silu(depthwise_causal_conv(window, self.conv1d.weight, self.conv1d.bias))  # (batch, d_inner, L)
+        y, ssm_state = self.ssm(x, initial_state=ssm_state, return_last_state=True)  # (batch, d_inner, L)
+        out = self.out_proj((y * F.silu(z)).transpose(1, 2))  # (batch, L, d_model)
+        return out, (window[:, :, -self.d_conv :], ssm_state)
+
+    def step(self, hidden_t, state):
+        """One token in O(1): hidden_t (batch, d_model), state -> (out (batch, d_model), new state)."""
+        conv_state, ssm_state = state
+        x, z = self.in_proj(hidden_t).chunk(2, dim=-1)  # (batch, d_inner) each
+        conv_state = torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1)  # (batch, d_inner, d_conv): shift in x
+        x = F.silu(depthwise_causal_conv(conv_state, self.conv1d.weight, self.conv1d.bias)[:, :, 0])  # (batch, d_inner)
+        y, ssm_state = self.ssm.step(x, ssm_state)  # (batch, d_inner)
+        return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual: h + mixer(RMSNorm(h)), the residual kept in at least float32 if residual_in_fp32."""
+
+    def __init__(self, config, device=None, dtype=None):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
+        self.mixer = MambaMixer(config, device=device, dtype=dtype)
+
+    def _residual(self, h):
+        return h.to(torch.promote_types(h.dtype, torch.float32)) if self.residual_in_fp32 else h
+
+    def forward(self, h, state=None):
+        out, state = self.mixer(self.norm(h.to(self.norm.weight.dtype)), state)
+        return self._residual(h) + out, state
+
+    def step(self, h_t, state):
+        out, state = self.mixer.step(self.norm(h_t.to(self.norm.weight.dtype)), state)
+        return self._residual(h_t) + out, state
+
+
+@dataclass
+class MambaCache:
+    """The whole inference state of a MambaLM; its size depends on the batch, never on the context length."""
+
+    conv_states: list = field(default_factory=list)  # n_layer × (batch, d_inner, d_conv)
+    ssm_states: list = field(default_factory=list)  # n_layer × (batch, d_inner, N)
+    seqlen: int = 0  # tokens consumed so far (informative only: nothing depends on it)
+
+    @property
+    def nbytes(self):
+        return sum(t.nbytes for t in (*self.conv_states, *self.ssm_states))
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """logits (batch, vocab) -> token ids (batch,). temperature 0 = argmax; top_k keeps the k largest logits."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (batch, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (batch, vocab)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class MambaLM(nn.Module):
+    """Embedding -> n_layer MambaBlocks -> RMSNorm -> LM head (tied to the embedding by default)."""
+
+    def __init__(self, config, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model, **factory)
+        self.layers = nn.ModuleList(MambaBlock(config, **factory) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps, **factory)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, **factory)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    @torch.no_grad()
+    def _init_weights(self):
+        """The official `_init_weights` (mixer_seq_simple.py); SelectiveSSM already set Δ, A and D as Mamba does."""
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        for module in self.modules():
+            bias = module.bias if isinstance(module, nn.Linear) else None
+            if bias is not None and not getattr(bias, "_no_reinit", False):  # dt_proj.bias holds Δ's init
+                nn.init.zeros_(bias)
+        if self.config.rescale_prenorm_residual:  # GPT-2's scheme: n_layer residual branches add up
+            for layer in self.layers:
+                layer.mixer.out_proj.weight /= math.sqrt(self.config.n_layer)
+
+    def new_cache(self, batch):
+        """An empty cache for `batch` sequences (the state before the first token)."""
+        states = [layer.mixer.empty_state(batch) for layer in self.layers]
+        return MambaCache([c for c, _ in states], [s for _, s in states])
+
+    def _check_cache(self, cache, batch):
+        if not isinstance(cache, MambaCache) or len(cache.conv_states) != len(self.layers):
+            raise ValueError(f"cache must be a MambaCache from new_cache() with {len(self.layers)} layers")
+        if cache.conv_states[0].shape[0] != batch:
+            raise ValueError(f"cache is for batch {cache.conv_states[0].shape[0]}, input has batch {batch}")
+
+    def _logits(self, h):
+        return self.lm_head(self.norm_f(h.to(self.norm_f.weight.dtype)))
+
+    def forward(self, input_ids, cache=None):
+        """input_ids (batch, L) -> logits (batch, L, vocab). With a cache: start from it and leave it after the last
+        token, so forward(ids[:, :k], c) then forward(ids[:, k:], c) equals forward(ids)."""
+        if input_ids.ndim != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be (batch, L) with L >= 1, got {tuple(input_ids.shape)}")
+        if cache is not None:
+            self._check_cache(cache, input_ids.shape[0])
+        h = self.embedding(input_ids)  # (batch, L, d_model)
+        for i, layer in enumerate(self.layers):
+            state = None if cache is None else (cache.conv_states[i], cache.ssm_states[i])
+            h, (conv_state, ssm_state) = layer(h, state)
+            if cache is not None:
+                cache.conv_states[i], cache.ssm_states[i] = conv_state, ssm_state
+        if cache is not None:
+            cache.seqlen += input_ids.shape[1]
+        return self._logits(h)  # (batch, L, vocab)
+
+    def step(self, token, cache):
+        """token (batch,) -> logits (batch, vocab) for the next position; advances cache by one token in O(1)."""
+        if token.ndim != 1:
+            raise ValueError(f"token must be (batch,), one id per sequence, got {tuple(token.shape)}")
+        self._check_cache(cache, token.shape[0])
+        h = self.embedding(token)  # (batch, d_model)
+        for i, layer in enumerate(self.layers):
+            h, (cache.conv_states[i], cache.ssm_states[i]) = layer.step(h, (cache.conv_states[i], cache.ssm_states[i]))
+        cache.seqlen += 1
+        return self._logits(h)  # (batch, vocab)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, seed=None):
+        """prompt_ids (batch, L) -> (batch, L + max_new_tokens): parallel prefill, then one step per new token.
+
+        temperature 0 is greedy (argmax); top_k samples among the k most likely tokens; seed fixes the sampling.
+        """
+        if temperature < 0 or (top_k is not None and top_k < 1) or max_new_tokens < 0:
+            raise ValueError("need temperature >= 0, top_k None or >= 1, max_new_tokens >= 0")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
+        cache = self.new_cache(prompt_ids.shape[0])
+        logits = self(prompt_ids, cache)[:, -1]  # (batch, vocab)
+        tokens = [prompt_ids]
+        for i in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, generator)  # (batch,)
+            tokens.append(token[:, None])
+            if i + 1 < max_new_tokens:
+                logits = self.step(token, cache)
+        return torch.cat(tokens, dim=1)
+
+    def _hf_names(self):
+        """{our state_dict name: HF checkpoint name} for every tensor a checkpoint stores."""
+        names = {name: rename(name, HF_NAMES) for name in self.state_dict()}
+        if self.config.tie_embeddings:
+            del names["lm_head.weight"]
+        return names
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, device=None, dtype=None):
+        """Load a HF MambaForCausalLM checkpoint (config.json + weights) from a directory or the Hub."""
+        directory = resolve_checkpoint_dir(path_or_repo_id)
+        model = cls(MambaConfig.from_hf(load_config(directory)), device=device, dtype=dtype)
+        tensors = load_tensors(directory)
+        names, ours = model._hf_names(), model.state_dict()
+        head, embedding = tensors.get("lm_head.weight"), tensors.get("backbone.embeddings.weight")
+        if model.config.tie_embeddings and head is not None and embedding is not None and torch.equal(head, embedding):
+            del tensors["lm_head.weight"]  # a tied head stored anyway: it carries nothing new
+        check_tensors(tensors, {hf: ours[name].shape for name, hf in names.items()}, f"checkpoint {directory}")
+        with torch.no_grad():
+            for name, hf in names.items():
+                ours[name].copy_(tensors[hf])
+        return model
+
+    def save_pretrained(self, directory):
+        """Write config.json + model.safetensors in the HF MambaForCausalLM layout (loadable by transformers)."""
+        ours = self.state_dict()
+        return save_checkpoint(directory, self.config.to_hf(), {hf: ours[n] for n, hf in self._hf_names().items()})

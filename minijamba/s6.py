@@ -1,0 +1,216 @@
+"""S6: the selective state space layer at the heart of Mamba, in torch.
+
+Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", §3.2 and Algorithm 2.
+S4 (lesson 01) runs one fixed linear system over the whole sequence. S6 makes three of its parameters functions
+of the current input, so the layer can choose, token by token, what to write into its state and what to forget:
+    Δ_t = softplus(Linear(u_t) + bias)    (s_Δ: a rank-R projection up to D channels)
+    B_t = Linear_N(u_t),   C_t = Linear_N(u_t)
+    x_t = exp(Δ_t A) x_{t-1} + Δ_t B_t u_t,    y_t = C_t x_t + D u_t
+and `minijamba.scan.selective_scan` runs that recurrence (`reference.selective_scan_ref` is its float64 oracle).
+With `selective=False` Δ, B and C are plain learnable parameters again: the same code then is an LTI SSM (S4D-Real
+with Mamba's discretization), so the paper's S4-vs-S6 comparison is one switch.
+
+Glossary (code name — symbol in the paper):
+    d_inner      — D, the number of channels (Mamba's expanded width, expand · d_model)
+    d_state      — N, the state size of each channel
+    dt_rank      — R, the rank of the Δ projection (s_Δ(x) = Broadcast_D(Linear_1(x)) is the R = 1 case)
+    u            — x, the layer's input (batch, D, L)
+    x, state     — h, the hidden state (batch, D, N)
+    y            — y, the output (batch, D, L)
+    delta        — Δ, the step size, (batch, D, L), positive through τ_Δ = softplus
+    x_proj       — s_B, s_C and the first half of s_Δ: D -> R + 2N, no bias
+    dt_proj      — the second half of s_Δ: R -> D; its bias is Δ's parameter (the "Parameter" in τ_Δ(Parameter + s_Δ))
+    dt_bias      — that bias when selective=False: Δ = softplus(dt_bias), one step size per channel
+    A_log        — log(-A): A = -exp(A_log), (D, N), real and negative so every mode decays
+    B, C         — B, C: (batch, N, L) selective, or (D, N) parameters when selective=False
+    D            — D, the skip connection y += D u, (D,)
+    dt_norm, B_norm, C_norm — Jamba's norms on Δ's rank-R input, B and C (`inner_norm`; not in the Mamba paper)
+
+Where this differs from the official `mamba_simple.py` (state-spaces/mamba), and why:
+  - It is only the SSM: no in_proj, conv1d, SiLU, z gate or out_proj. Those make the Mamba block (a later lesson);
+    keeping them out lets the lessons put S6 next to S4D alone.
+  - dt_rank="auto" is ceil(d_inner / 32). Mamba uses ceil(d_model / 16), but this layer never sees d_model; at
+    Mamba's expand = 2 the two are the same number. Pass an int to choose it.
+  - Only Mamba's default initialisation ("random" log-uniform Δ, dt_scale 1) is offered.
+  - A_log and D are float32 unless the layer is float64, where they follow (the scan needs one dtype, and the
+    float64 tests compare with the reference). The official code keeps them float32 under any module dtype.
+  - `selective=False` (the LTI switch) and `ssm_parameters` (Δ, B, C for a plot) are additions for the lessons.
+  - `inner_norm` is Jamba's addition (Jamba paper §6.4, HF JambaMambaMixer): norms on the rank-R part of Δ, and on
+    B and C, right after x_proj, which the Jamba authors found to stop loss spikes at scale. Off by default.
+"""
+
+import math
+from numbers import Integral, Real
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minijamba.scan import IMPLS, selective_scan, softplus
+
+__all__ = ["SelectiveSSM"]
+
+_SCAN_IMPLS = ("auto", *IMPLS)
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_positive_real(name, value):
+    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _inverse_softplus(y):
+    """x with softplus(x) = y, i.e. x = log(e^y - 1) = y + log(1 - e^-y); expm1 keeps it exact for tiny y."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+class SelectiveSSM(nn.Module):
+    """The S6 layer: (batch, d_inner, L) -> (batch, d_inner, L), with Δ, B, C chosen by the input."""
+
+    def __init__(
+        self,
+        d_inner,
+        d_state=16,
+        dt_rank="auto",
+        dt_min=1e-3,
+        dt_max=1e-1,
+        dt_init_floor=1e-4,
+        selective=True,
+        scan_impl="auto",
+        inner_norm=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_positive_int("d_inner", d_inner)
+        _check_positive_int("d_state", d_state)
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_inner / 32)
+        _check_positive_int("dt_rank", dt_rank)
+        _check_positive_real("dt_min", dt_min)
+        _check_positive_real("dt_max", dt_max)
+        if dt_max < dt_min:
+            raise ValueError(f"dt_max must be >= dt_min={dt_min!r}, got {dt_max!r}")
+        _check_positive_real("dt_init_floor", dt_init_floor)
+        if not isinstance(selective, bool):
+            raise ValueError(f"selective must be True or False, got {selective!r}")
+        if scan_impl not in _SCAN_IMPLS:
+            raise ValueError(f"scan_impl must be one of {_SCAN_IMPLS}, got {scan_impl!r}")
+        if inner_norm is not None and not (selective and callable(inner_norm)):
+            raise ValueError(f"inner_norm must be None or a size -> module callable (selective only): {inner_norm!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        factory = {"device": device, "dtype": dtype}
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        self.selective, self.scan_impl = selective, scan_impl
+
+        # Δ's initial value: log-uniform in [dt_min, dt_max], floored, stored through softplus's inverse.
+        u01 = torch.rand(d_inner, device=device, dtype=torch.float64)  # (d_inner,), cast to dtype below
+        dt = torch.exp(math.log(dt_min) + u01 * (math.log(dt_max) - math.log(dt_min))).clamp(min=dt_init_floor)
+        if selective:
+            self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **factory)
+            self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **factory)
+            # Keep s_Δ's contribution O(1) at init, so Δ starts near the sampled dt.
+            nn.init.uniform_(self.dt_proj.weight, -(dt_rank**-0.5), dt_rank**-0.5)
+            with torch.no_grad():
+                self.dt_proj.bias.copy_(_inverse_softplus(dt))
+            self.dt_proj.bias._no_reinit = True  # a model-wide re-init (zeroing biases) must leave Δ's init alone
+        else:
+            self.dt_bias = nn.Parameter(_inverse_softplus(dt).to(**factory))  # (d_inner,)
+            self.dt_bias._no_reinit = True
+            # S4D's choice: B = 1 and C random, scaled so y starts at the scale of u.
+            self.B = nn.Parameter(torch.ones(d_inner, d_state, **factory))  # (d_inner, N)
+            self.C = nn.Parameter(torch.randn(d_inner, d_state, **factory) / math.sqrt(d_state))  # (d_inner, N)
+        # Jamba's optional norms (e.g. inner_norm = partial(RMSNorm, eps=1e-6)), built for the sizes they normalise.
+        has_norms = inner_norm is not None
+        self.dt_norm = inner_norm(dt_rank) if has_norms else None
+        self.B_norm = inner_norm(d_state) if has_norms else None
+        self.C_norm = inner_norm(d_state) if has_norms else None
+
+        # S4D-Real: A = -(1, 2, ..., N) in every channel, stored as its log so A stays negative while it learns.
+        ssm_dtype = torch.promote_types(dtype, torch.float32)
+        A = torch.arange(1, d_state + 1, device=device, dtype=ssm_dtype).repeat(d_inner, 1)  # (d_inner, N)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(d_inner, device=device, dtype=ssm_dtype))  # (d_inner,)
+        self.A_log._no_weight_decay = True  # decaying A_log would pull A towards -1, D towards 0
+        self.D._no_weight_decay = True
+
+    @property
+    def delta_bias(self):
+        """Δ's learned offset before the softplus, (d_inner,): dt_proj.bias, or dt_bias when selective=False."""
+        return self.dt_proj.bias if self.selective else self.dt_bias
+
+    def _projections(self, u):
+        """(s_Δ(u) before bias and softplus (batch, d_inner, L), B, C): the part of Δ, B, C that reads u."""
+        if not self.selective:  # LTI: nothing reads u; Δ is its bias alone
+            return torch.zeros_like(u), self.B, self.C
+        x_dbl = self.x_proj(u.transpose(1, 2))  # (batch, L, R + 2N)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (batch, L, R|N|N)
+        if self.dt_norm is not None:  # Jamba: normalise each before use, over R and over N
+            dt, B, C = self.dt_norm(dt), self.B_norm(B), self.C_norm(C)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, L); bias added in the scan
+        return dt, B.transpose(1, 2), C.transpose(1, 2)  # (batch, N, L) each
+
+    def ssm_parameters(self, u):
+        """The Δ, B, C the layer uses on u: (batch, d_inner, L) -> (delta, B, C).
+
+        delta: (batch, d_inner, L), after the softplus. B, C: (batch, N, L) when selective, else (d_inner, N),
+        the same at every step. Lesson 02 plots delta along a sequence to watch the layer select.
+        """
+        self._check_input("u", u, 3)
+        dt, B, C = self._projections(u)
+        return softplus(dt + self.delta_bias[:, None]), B, C
+
+    def forward(self, u, initial_state=None, return_last_state=False):
+        """u: (batch, d_inner, L) -> y (batch, d_inner, L), and the last state (batch, d_inner, N) if asked.
+
+        Start from initial_state (batch, d_inner, N) to continue a sequence: forward on [u1, u2] equals forward
+        on u1, then on u2 from u1's last state. As the official code does, Δ's bias and softplus are passed to
+        the scan rather than applied here.
+        """
+        self._check_input("u", u, 3)
+        dt, B, C = self._projections(u)
+        A = -torch.exp(self.A_log)  # (d_inner, N)
+        return selective_scan(
+            u,
+            dt,
+            A,
+            B,
+            C,
+            D=self.D,
+            delta_bias=self.delta_bias,
+            delta_softplus=True,
+            return_last_state=return_last_state,
+            initial_state=initial_state,
+            impl=self.scan_impl,
+        )
+
+    def step(self, u_t, state=None):
+        """One token in O(1): u_t (batch, d_inner), state (batch, d_inner, N) or None (zeros) -> (y_t, state).
+
+        The recurrence of the scan, once: A_bar = exp(ΔA), x = A_bar x + Δ B u, y = C x + D u.
+        """
+        self._check_input("u_t", u_t, 2)
+        expected = (u_t.shape[0], self.d_inner, self.d_state)
+        if state is None:
+            state = u_t.new_zeros(expected)
+        elif not isinstance(state, torch.Tensor) or tuple(state.shape) != expected:
+            raise ValueError(f"state must have shape {expected}, got {getattr(state, 'shape', state)!r}")
+        delta, B, C = self.ssm_parameters(u_t[:, :, None])  # (batch, d_inner, 1), (batch, N, 1) | (d_inner, N)
+        delta = delta[:, :, 0]  # (batch, d_inner)
+        if self.selective:
+            B, C = B[:, None, :, 0], C[:, None, :, 0]  # (batch, 1, N): shared by every channel
+        A_bar = torch.exp(delta[..., None] * -torch.exp(self.A_log))  # (batch, d_inner, N)
+        state = A_bar * state + (delta * u_t)[..., None] * B  # (batch, d_inner, N)
+        y_t = (C * state).sum(dim=-1) + self.D * u_t  # (batch, d_inner)
+        return y_t, state
+
+    def _check_input(self, name, t, ndim):
+        if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.shape[1] != self.d_inner:
+            shape = "(batch, d_inner, L)" if ndim == 3 else "(batch, d_inner)"
+            raise ValueError(
+                f"{name} must be a tensor of shape {shape} with d_inner={self.d_inner}, got {getattr(t, 'shape', t)!r}"
+            )
