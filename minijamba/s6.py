@@ -162,6 +162,9 @@ class SelectiveSSM(nn.Module):
         """
         self._check_input("u", u, 3)
         dt, B, C = self._projections(u)
+        # LTI: one softplus per channel, so Δ is exactly (not just to rounding) the same at every step.
+        if not self.selective:
+            return softplus(self.dt_bias)[None, :, None].expand(u.shape[0], -1, u.shape[2]), B, C
         return softplus(dt + self.delta_bias[:, None]), B, C
 
     def forward(self, u, initial_state=None, return_last_state=False):

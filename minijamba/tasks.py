@@ -1,0 +1,271 @@
+"""The Mamba paper's synthetic tasks, class-sized: selective copying and induction heads, a tiny model, a trainer.
+
+Gu & Dao 2023, §3.1 (Figure 2), §4.1 and Appendix E.1. Both tasks need content-aware reasoning, which an LTI
+model (S4: the same Δ, B, C at every step) cannot do, and a selective one (S6) can:
+  - selective copying: remember a few data tokens scattered at random among noise and repeat them in order;
+    where the data sit varies, so no fixed convolution kernel can pick them out.
+  - induction heads: after seeing "... trigger a ...", answer a at the next trigger (associative recall).
+
+The paper's selective copying (Table 1): L = 4096, vocabulary 16 (noise and marker included), 16 data tokens,
+2 layers, D = 64 (d_model), trained on a GPU. Answer accuracy: S4 (no gate) 18.3%, S6 (no gate) 97.0%; with the
+full Mamba block, S4 56.4% and S6 99.8%.
+`SelectiveCopyingConfig` shrinks it to under a minute of CPU per model: L = 48 (44 noise/data slots, then
+4 answer slots), vocabulary 16 (14 data symbols, chance 1/14 = 7%), 4 data tokens, 2 layers, d_model 32,
+N = 16, 600 steps of batch 64. Measured (seed 0, torch 2.13, 2-core CPU; SEE_MEASUREMENTS). The LTI model
+does not stay at chance here: with only 4 data tokens, where the k-th one lies is predictable to within about
+one gap between tokens, and a fixed kernel can bet on that (the spread grows with the number of data tokens,
+which is why S4 falls to 18% with 16 of them). The data count is the knob that costs S6 the most steps: at 8 data
+tokens this model needs well over 1500 steps.
+
+Threads: at these sizes the scan is thousands of tiny ops, so 2 threads are only ~1.4x faster than 1 on an
+idle machine, and several times slower when another process holds one of the two cores (every op waits for
+the descheduled thread). On a shared machine, torch.set_num_threads(1).
+
+`TaskModel` is the paper's "(no gate)" architecture: each block is only norm -> Linear -> SSM -> Linear. The
+official experiments wrap the SSM in the full H3 or Mamba blocks (convolution, gate); see Table 1.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+from numbers import Integral
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minijamba.s6 import SelectiveSSM
+
+__all__ = [
+    "IGNORE_INDEX",
+    "selective_copying",
+    "induction_heads",
+    "TaskModel",
+    "answer_accuracy",
+    "train_task",
+    "SelectiveCopyingConfig",
+    "selective_copying_experiment",
+]
+
+IGNORE_INDEX = -100  # F.cross_entropy's default: positions with this target carry no loss and no accuracy
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _generator(seed):
+    """A torch.Generator from an int seed, or the generator itself (so a training loop can draw fresh batches)."""
+    if isinstance(seed, torch.Generator):
+        return seed
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def selective_copying(batch, seq_len, n_data, vocab, seed=0):
+    """Selective copying batches: (inputs, targets), each a LongTensor (batch, seq_len).
+
+    Layout (token ids): 0 = noise, 1..vocab-2 = data, vocab-1 = the answer marker.
+        position:  0 ........................ seq_len-n_data-1 | seq_len-n_data ... seq_len-1
+        inputs:    noise with n_data data tokens at random places | n_data markers
+        targets:   -100 everywhere                                 | the data tokens, in order of appearance
+    At each marker the model must output the next data token it saw; this is the layout of the selective copying
+    generator in state-spaces/s4 (`torch_copying_data` with variable=True). seed: an int or a torch.Generator.
+    """
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("n_data", n_data), ("vocab", vocab)):
+        _check_positive_int(name, value)
+    if vocab < 3:
+        raise ValueError(f"vocab must be >= 3 (noise, at least one data token, marker), got {vocab}")
+    if seq_len < 2 * n_data:
+        raise ValueError(f"seq_len must be >= 2 * n_data = {2 * n_data} (data, then as many answers), got {seq_len}")
+    g = _generator(seed)
+    n_prefix = seq_len - n_data
+    data = torch.randint(1, vocab - 1, (batch, n_data), generator=g)  # (batch, n_data)
+    # n_data distinct positions per row, in increasing order: the first n_data of a random permutation, sorted.
+    positions = torch.rand(batch, n_prefix, generator=g).argsort(dim=-1)[:, :n_data].sort(dim=-1).values
+    inputs = torch.zeros(batch, seq_len, dtype=torch.long)  # (batch, seq_len), all noise
+    inputs[:, :n_prefix].scatter_(1, positions, data)
+    inputs[:, n_prefix:] = vocab - 1
+    targets = torch.full((batch, seq_len), IGNORE_INDEX, dtype=torch.long)  # (batch, seq_len)
+    targets[:, n_prefix:] = data
+    return inputs, targets
+
+
+def induction_heads(batch, seq_len, vocab, seed=0):
+    """Induction-head batches: (inputs, targets), each a LongTensor (batch, seq_len).
+
+    Token vocab-1 is the trigger; the others are drawn uniformly at random. The trigger appears at a random
+    position p in the first half, followed by the answer token at p+1, and again at the last position, where the
+    target is that answer. Targets are -100 everywhere else. seed: an int or a torch.Generator.
+    """
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("vocab", vocab)):
+        _check_positive_int(name, value)
+    if vocab < 2:
+        raise ValueError(f"vocab must be >= 2 (a trigger and at least one other token), got {vocab}")
+    if seq_len < 4:
+        raise ValueError(f"seq_len must be >= 4 (trigger, answer, ..., trigger), got {seq_len}")
+    g = _generator(seed)
+    inputs = torch.randint(0, vocab - 1, (batch, seq_len), generator=g)  # (batch, seq_len), no trigger yet
+    p = torch.randint(0, seq_len // 2 - 1, (batch, 1), generator=g)  # (batch, 1): p+1 < seq_len//2 <= L-1
+    inputs.scatter_(1, p, vocab - 1)
+    inputs[:, -1] = vocab - 1
+    targets = torch.full((batch, seq_len), IGNORE_INDEX, dtype=torch.long)  # (batch, seq_len)
+    targets[:, -1] = inputs.gather(1, p + 1)[:, 0]
+    return inputs, targets
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model: embedding -> (norm -> Linear -> SSM -> Linear, residual) x n_layers -> norm -> head
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    """Pre-norm residual block of the paper's "(no gate)" rows: x + out_proj(ssm(in_proj(norm(x))))."""
+
+    def __init__(self, d_model, d_inner, d_state, selective, scan_impl):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.in_proj = nn.Linear(d_model, d_inner)
+        self.ssm = SelectiveSSM(d_inner, d_state, selective=selective, scan_impl=scan_impl)
+        self.out_proj = nn.Linear(d_inner, d_model)
+
+    def forward(self, x):  # x: (batch, L, d_model)
+        h = self.in_proj(self.norm(x)).transpose(1, 2)  # (batch, d_inner, L)
+        return x + self.out_proj(self.ssm(h).transpose(1, 2))  # (batch, L, d_model)
+
+
+class TaskModel(nn.Module):
+    """A tiny token model for the synthetic tasks: (batch, L) token ids -> (batch, L, vocab) logits.
+
+    selective=False swaps every S6 for its LTI twin (fixed Δ, B, C), the S4 rows of the paper's Table 1.
+    """
+
+    def __init__(self, vocab, d_model=32, n_layers=2, d_state=16, selective=True, expand=2, scan_impl="auto"):
+        super().__init__()
+        for name, value in (("vocab", vocab), ("d_model", d_model), ("n_layers", n_layers), ("expand", expand)):
+            _check_positive_int(name, value)
+        self.embedding = nn.Embedding(vocab, d_model)
+        self.blocks = nn.ModuleList(
+            _Block(d_model, expand * d_model, d_state, selective, scan_impl) for _ in range(n_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, tokens):
+        x = self.embedding(tokens)  # (batch, L, d_model)
+        for block in self.blocks:
+            x = block(x)  # (batch, L, d_model)
+        return self.head(self.norm(x))  # (batch, L, vocab)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and scoring
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answer_accuracy(model, inputs, targets):
+    """The fraction of answer positions (targets != -100) where the model's argmax is the target."""
+    mask = targets != IGNORE_INDEX  # (batch, L)
+    predictions = model(inputs).argmax(dim=-1)  # (batch, L)
+    return (predictions[mask] == targets[mask]).float().mean().item()
+
+
+def _param_groups(model, weight_decay):
+    """AdamW groups: matrices decay; vectors (biases, norms, D) and flagged parameters (A_log) do not."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_task(model, make_batch, steps, lr=3e-3, weight_decay=0.1, warmup=100, eval_every=100, eval_batches=4, seed=0):
+    """Train on fresh batches, scoring a fixed held-out set; returns the history, a list of dicts.
+
+    make_batch(generator) -> (inputs, targets): called with one torch.Generator seeded by `seed` for the
+    training stream, and with generators seeded seed+1, seed+2, ... for the eval_batches of the eval set.
+    AdamW, linear warmup then cosine decay to 0, gradient clipping at 1. Each history entry (every eval_every
+    steps and at the end): {"step", "loss" (mean training loss since the last entry), "accuracy" (eval answer
+    accuracy), "seconds" (wall-clock since the start)}.
+    """
+    _check_positive_int("steps", steps)
+    _check_positive_int("eval_every", eval_every)
+    _check_positive_int("eval_batches", eval_batches)
+    evals = [make_batch(torch.Generator().manual_seed(seed + 1 + i)) for i in range(eval_batches)]
+    eval_inputs, eval_targets = (torch.cat(t) for t in zip(*evals, strict=True))
+    train_rng = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+
+    def lr_factor(s):  # s = optimizer steps taken so far
+        return min(1.0, (s + 1) / warmup if warmup else 1.0) * 0.5 * (1 + math.cos(math.pi * s / steps))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    history, losses, start = [], [], time.perf_counter()
+    for step in range(1, steps + 1):
+        model.train()
+        inputs, targets = make_batch(train_rng)
+        logits = model(inputs)  # (batch, L, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            model.eval()
+            accuracy = answer_accuracy(model, eval_inputs, eval_targets)
+            seconds = time.perf_counter() - start
+            history.append({"step": step, "loss": sum(losses) / len(losses), "accuracy": accuracy, "seconds": seconds})
+            losses = []
+    return history
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The experiment of the lesson: Table 1 in a minute per model
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SelectiveCopyingConfig:
+    """Selective copying sized for a 2-core CPU (the paper's values in the comments)."""
+
+    seq_len: int = 48  # paper 4096 (here 44 noise/data slots + 4 answer slots)
+    n_data: int = 4  # paper 16
+    vocab: int = 16  # paper 16: noise, 14 data symbols, marker
+    d_model: int = 32  # paper 64
+    n_layers: int = 2  # paper 2
+    d_state: int = 16  # paper 16 (Mamba's default N)
+    batch: int = 64
+    steps: int = 600
+    lr: float = 1e-2
+    warmup: int = 30
+    scan_impl: str = "sequential"  # at L = 48 on a CPU, the plain loop is the fastest scan (measured)
+
+
+def selective_copying_experiment(config=None, seed=0, selective=(False, True), return_models=False, **overrides):
+    """Train one TaskModel per value of `selective` on selective copying; returns {selective: history}.
+
+    config: a SelectiveCopyingConfig (default one if None); overrides replace its fields, e.g. steps=200.
+    Every model sees the same batches and the same eval set; the model init is seeded by `seed` too.
+    return_models: also return the trained models, {selective: TaskModel} (lesson 02 plots the S6 model's Δ).
+    """
+    config = config or SelectiveCopyingConfig()
+    config = SelectiveCopyingConfig(**{**config.__dict__, **overrides})
+
+    def make_batch(generator):
+        return selective_copying(config.batch, config.seq_len, config.n_data, config.vocab, generator)
+
+    histories, models = {}, {}
+    for sel in selective:
+        torch.manual_seed(seed)
+        model = models[sel] = TaskModel(
+            config.vocab, config.d_model, config.n_layers, config.d_state, sel, scan_impl=config.scan_impl
+        )
+        histories[sel] = train_task(model, make_batch, config.steps, lr=config.lr, warmup=config.warmup, seed=seed)
+    return (histories, models) if return_models else histories
