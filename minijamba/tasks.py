@@ -11,7 +11,8 @@ The paper's selective copying (Table 1): L = 4096, vocabulary 16 (noise and mark
 full Mamba block, S4 56.4% and S6 99.8%.
 `SelectiveCopyingConfig` shrinks it to under a minute of CPU per model: L = 48 (44 noise/data slots, then
 4 answer slots), vocabulary 16 (14 data symbols, chance 1/14 = 7%), 4 data tokens, 2 layers, d_model 32,
-N = 16, 600 steps of batch 64. Measured (seed 0, torch 2.13, 2-core CPU; SEE_MEASUREMENTS). The LTI model
+N = 16, 600 steps of batch 64. Measured (seed 0, torch 2.13, 1 thread on the 2-core development machine):
+after 500 steps LTI 36.7% and S6 94.3% answer accuracy (lesson 02's run); after 600, LTI 41.4%, S6 99.9%. The LTI model
 does not stay at chance here: with only 4 data tokens, where the k-th one lies is predictable to within about
 one gap between tokens, and a fixed kernel can bet on that (the spread grows with the number of data tokens,
 which is why S4 falls to 18% with 16 of them). The data count is the knob that costs S6 the most steps: at 8 data
