@@ -10,6 +10,7 @@ named tensors between disk and a dict, and checks them:
     check_tensors            the key set and shapes against the model's: one error naming every difference
     rename                   our parameter name -> the checkpoint's, from a table of prefix patterns
     save_checkpoint          config.json + model.safetensors, each written to a temp file then os.replace'd
+    HFCheckpointMixin        from_pretrained / save_pretrained for a model class, built from the pieces above
 
 Safety: a pickle can run any code while it loads, so `.bin` files are read only with torch's weights_only
 unpickler, which accepts tensors and plain containers and refuses everything else; safetensors files hold no code.
@@ -33,6 +34,7 @@ __all__ = [
     "check_tensors",
     "rename",
     "save_checkpoint",
+    "HFCheckpointMixin",
 ]
 
 # In order of preference: safetensors before pickles, a single file before a shard index.
@@ -194,3 +196,41 @@ def save_checkpoint(directory, config, tensors):
     _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(directory / "config.json", write_config)
     return directory
+
+
+class HFCheckpointMixin:
+    """`from_pretrained` / `save_pretrained` in a Hugging Face layout, for a model class that defines
+
+    config_class   a config dataclass with `from_hf(config.json dict)` and `to_hf()`
+    HF_NAMES       its (our prefix, HF prefix) table for `rename`
+    HF_EMBEDDING   the checkpoint name of the input embedding's weight
+    tied_head      True when lm_head shares the embedding's weight: the head is then not stored (HF neither)
+    """
+
+    def _hf_names(self):
+        """{our state_dict name: HF checkpoint name} for every tensor a checkpoint stores."""
+        names = {name: rename(name, self.HF_NAMES) for name in self.state_dict()}
+        if self.tied_head:
+            del names["lm_head.weight"]
+        return names
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, device=None, dtype=None):
+        """Load a HF checkpoint (config.json + weights) from a directory or the Hub, checking every key and shape."""
+        directory = resolve_checkpoint_dir(path_or_repo_id)
+        model = cls(cls.config_class.from_hf(load_config(directory)), device=device, dtype=dtype)
+        tensors = load_tensors(directory)
+        names, ours = model._hf_names(), model.state_dict()
+        head, embedding = tensors.get("lm_head.weight"), tensors.get(cls.HF_EMBEDDING)
+        if model.tied_head and head is not None and embedding is not None and torch.equal(head, embedding):
+            del tensors["lm_head.weight"]  # a tied head stored anyway: it carries nothing new
+        check_tensors(tensors, {hf: ours[name].shape for name, hf in names.items()}, f"checkpoint {directory}")
+        with torch.no_grad():
+            for name, hf in names.items():
+                ours[name].copy_(tensors[hf])
+        return model
+
+    def save_pretrained(self, directory):
+        """Write config.json + model.safetensors in the HF layout (loadable by transformers), atomically."""
+        ours = self.state_dict()
+        return save_checkpoint(directory, self.config.to_hf(), {hf: ours[n] for n, hf in self._hf_names().items()})

@@ -45,15 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (
-    CheckpointError,
-    check_tensors,
-    load_config,
-    load_tensors,
-    rename,
-    resolve_checkpoint_dir,
-    save_checkpoint,
-)
+from .checkpoint import CheckpointError, HFCheckpointMixin
+from .generation import GenerationMixin, sample_next
 from .s6 import SelectiveSSM
 
 __all__ = [
@@ -269,20 +262,16 @@ class MambaCache:
         return sum(t.nbytes for t in (*self.conv_states, *self.ssm_states))
 
 
-def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """logits (batch, vocab) -> token ids (batch,). temperature 0 = argmax; top_k keeps the k largest logits."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (batch, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (batch, vocab)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+class MambaLM(GenerationMixin, HFCheckpointMixin, nn.Module):
+    """Embedding -> n_layer MambaBlocks -> RMSNorm -> LM head (tied to the embedding by default).
 
+    `generate` comes from GenerationMixin; `from_pretrained` / `save_pretrained` (HF MambaForCausalLM layout, same
+    safety rules) from HFCheckpointMixin.
+    """
 
-class MambaLM(nn.Module):
-    """Embedding -> n_layer MambaBlocks -> RMSNorm -> LM head (tied to the embedding by default)."""
+    config_class = MambaConfig
+    HF_NAMES = HF_NAMES
+    HF_EMBEDDING = "backbone.embeddings.weight"
 
     def __init__(self, config, device=None, dtype=None):
         super().__init__()
@@ -312,6 +301,10 @@ class MambaLM(nn.Module):
         """An empty cache for `batch` sequences (the state before the first token)."""
         states = [layer.mixer.empty_state(batch) for layer in self.layers]
         return MambaCache([c for c, _ in states], [s for _, s in states])
+
+    @property
+    def tied_head(self):
+        return self.config.tie_embeddings
 
     def _check_cache(self, cache, batch):
         if not isinstance(cache, MambaCache) or len(cache.conv_states) != len(self.layers):
@@ -350,51 +343,6 @@ class MambaLM(nn.Module):
         cache.seqlen += 1
         return self._logits(h)  # (batch, vocab)
 
-    @torch.no_grad()
-    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, seed=None):
-        """prompt_ids (batch, L) -> (batch, L + max_new_tokens): parallel prefill, then one step per new token.
-
-        temperature 0 is greedy (argmax); top_k samples among the k most likely tokens; seed fixes the sampling.
-        """
-        if temperature < 0 or (top_k is not None and top_k < 1) or max_new_tokens < 0:
-            raise ValueError("need temperature >= 0, top_k None or >= 1, max_new_tokens >= 0")
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
-        cache = self.new_cache(prompt_ids.shape[0])
-        logits = self(prompt_ids, cache)[:, -1]  # (batch, vocab)
-        tokens = [prompt_ids]
-        for i in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, generator)  # (batch,)
-            tokens.append(token[:, None])
-            if i + 1 < max_new_tokens:
-                logits = self.step(token, cache)
-        return torch.cat(tokens, dim=1)
-
-    def _hf_names(self):
-        """{our state_dict name: HF checkpoint name} for every tensor a checkpoint stores."""
-        names = {name: rename(name, HF_NAMES) for name in self.state_dict()}
-        if self.config.tie_embeddings:
-            del names["lm_head.weight"]
-        return names
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id, device=None, dtype=None):
-        """Load a HF MambaForCausalLM checkpoint (config.json + weights) from a directory or the Hub."""
-        directory = resolve_checkpoint_dir(path_or_repo_id)
-        model = cls(MambaConfig.from_hf(load_config(directory)), device=device, dtype=dtype)
-        tensors = load_tensors(directory)
-        names, ours = model._hf_names(), model.state_dict()
-        head, embedding = tensors.get("lm_head.weight"), tensors.get("backbone.embeddings.weight")
-        if model.config.tie_embeddings and head is not None and embedding is not None and torch.equal(head, embedding):
-            del tensors["lm_head.weight"]  # a tied head stored anyway: it carries nothing new
-        check_tensors(tensors, {hf: ours[name].shape for name, hf in names.items()}, f"checkpoint {directory}")
-        with torch.no_grad():
-            for name, hf in names.items():
-                ours[name].copy_(tensors[hf])
-        return model
-
-    def save_pretrained(self, directory):
-        """Write config.json + model.safetensors in the HF MambaForCausalLM layout (loadable by transformers)."""
-        ours = self.state_dict()
-        return save_checkpoint(directory, self.config.to_hf(), {hf: ours[n] for n, hf in self._hf_names().items()})
+    def prefill(self, prompt_ids, cache):
+        """Run the prompt into the cache; logits (batch, vocab) for the token after it."""
+        return self(prompt_ids, cache)[:, -1]

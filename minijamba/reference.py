@@ -5,7 +5,10 @@ can check it line by line and every torch scan, kernel, cache and converter can 
 
 Sources: S4 (Gu, Goel & Ré 2022, §2), S4D (Gu et al. 2022, §3-4), Mamba (Gu & Dao 2023, §2 eq. 1-4 and
 Algorithm 2). `selective_scan_ref` has the arguments, shapes and semantics of the official Mamba reference
-(`selective_scan_ref` in state-spaces/mamba), re-derived here in NumPy.
+(`selective_scan_ref` in state-spaces/mamba), re-derived here in NumPy. Attention: Vaswani et al. 2017 (§3.2),
+grouped-query heads (Ainslie et al. 2023) and rotary embeddings (Su et al. 2021); names in their own section.
+Mixture of experts: Jamba (Lieber et al. 2024, §2), the Switch Transformer's loss (Fedus et al. 2021, eq. 4-6);
+`moe_ref` writes E for the number of experts and g_e for a chosen expert's weight (glossary in minijamba/moe.py).
 
 Glossary (code name — symbol in the papers). We use S4's letters: u is the input and x the state
 (the Mamba paper writes x for the input and h for the state).
@@ -46,6 +49,11 @@ __all__ = [
     "silu",
     "check_selective_scan_shapes",
     "selective_scan_ref",
+    "check_attention_shapes",
+    "causal_attention_ref",
+    "rope_ref",
+    "moe_ref",
+    "load_balancing_loss_ref",
 ]
 
 
@@ -402,3 +410,121 @@ def selective_scan_ref(
     if z is not None:
         y = y * silu(z)
     return (y, x) if return_last_state else y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Causal self-attention (Vaswani et al. 2017, §3.2) with grouped-query heads (Ainslie et al. 2023), and RoPE
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_attention_shapes(q, k, v):
+    """Validate causal attention's shapes (NumPy arrays or torch tensors); ValueError names the bad argument."""
+    if q.ndim != 4 or q.shape[2] < 1:
+        raise ValueError(f"q must have shape (batch, heads, Lq, head_dim) with Lq >= 1, got {tuple(q.shape)}")
+    batch, heads, Lq, head_dim = q.shape
+    if k.ndim != 4 or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k must have shape (batch={batch}, kv_heads, Lk, head_dim={head_dim}), got {tuple(k.shape)}")
+    kv_heads, Lk = k.shape[1], k.shape[2]
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"k has {kv_heads} kv heads; they must divide q's {heads} heads")
+    if Lk < Lq:
+        raise ValueError(f"k must have Lk >= Lq = {Lq} positions (the queries are the last Lq of them), got Lk = {Lk}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+
+
+def causal_attention_ref(q, k, v, scale=None):
+    """softmax(Q Kᵀ · scale + causal mask) V in float64, the queries being the last Lq of the Lk positions.
+
+    q: (batch, heads, Lq, head_dim);  k, v: (batch, kv_heads, Lk, head_dim) with Lk >= Lq and kv_heads dividing
+    heads;  scale: 1/sqrt(head_dim) if None. Query i sits at position Lk - Lq + i and reads keys 0..Lk - Lq + i,
+    so Lq = Lk is a fresh sequence and Lq < Lk a prefill that continues a cache of Lk - Lq tokens. Grouped-query
+    attention: query head h reads kv head h // (heads // kv_heads). Returns (batch, heads, Lq, head_dim).
+    """
+    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
+    check_attention_shapes(q, k, v)
+    heads, Lq, head_dim = q.shape[1:]
+    Lk = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    group = heads // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # (batch, heads, Lk, head_dim)
+    scores = q @ k.swapaxes(-1, -2) * scale  # (batch, heads, Lq, Lk)
+    visible = np.arange(Lk)[None, :] <= np.arange(Lk - Lq, Lk)[:, None]  # (Lq, Lk): key j at or before the query
+    scores = np.where(visible, scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))  # max-subtracted: no overflow; masked -> exactly 0
+    weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights @ v  # (batch, heads, Lq, head_dim)
+
+
+def rope_ref(x, positions, theta=10000.0):
+    """Rotary position embedding (Su et al. 2021, RoFormer §3.2) in the rotate-half layout of HF / Llama.
+
+    x: (..., L, head_dim) with head_dim = d even; positions: (L,) absolute positions. Channels i and i + d/2 of the
+    token at position p are rotated together by the angle p · theta^(-2i/d), for i < d/2:
+        out_i = x_i cos - x_{i+d/2} sin,   out_{i+d/2} = x_{i+d/2} cos + x_i sin.
+    Rotations compose: a query at p dotted with a key at s then depends on p - s only. Returns x's shape.
+    """
+    x, positions = np.asarray(x, dtype=np.float64), np.asarray(positions, dtype=np.float64)
+    if x.ndim < 2 or x.shape[-1] % 2:
+        raise ValueError(f"x must have shape (..., L, head_dim) with head_dim even, got {x.shape}")
+    if positions.shape != (x.shape[-2],):
+        raise ValueError(f"positions must have shape (L,) = ({x.shape[-2]},), got {positions.shape}")
+    half = x.shape[-1] // 2
+    angle = positions[:, None] * theta ** (-2.0 * np.arange(half) / x.shape[-1])  # (L, d/2)
+    cos, sin = np.cos(angle), np.sin(angle)
+    x1, x2 = x[..., :half], x[..., half:]  # (..., L, d/2) each
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # (..., L, d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixture of experts (Jamba §2, Switch Transformer eq. 1-6): every expert on every token, masked to the top-k
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _softmax(logits):
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))  # shifted: no overflow, same ratios
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _top_k_mask(probs, top_k):
+    """1 at each row's top_k largest entries, 0 elsewhere: (tokens, E)."""
+    mask = np.zeros_like(probs)
+    np.put_along_axis(mask, np.argsort(-probs, axis=-1, kind="stable")[:, :top_k], 1.0, axis=-1)
+    return mask
+
+
+def moe_ref(x, router_weight, gate_w, up_w, down_w, top_k, normalize_top_k=False):
+    """A top-k mixture of SwiGLU experts, dense: out = Σ_e g_e · down_e(silu(gate_e x) · up_e x).
+
+    x: (tokens, hidden); router_weight: (E, hidden); gate_w, up_w: (E, inter, hidden); down_w: (E, hidden, inter).
+    p = softmax(x router_weightᵀ); g_e = p_e for the top_k experts of each token and 0 for the others, divided by
+    their sum if normalize_top_k (Mixtral; Jamba keeps the raw p_e). Every expert runs on every token, the
+    obviously-correct way: O(E) the work of a sparse dispatch — reference only. Returns (tokens, hidden).
+    """
+    x, router_weight, gate_w, up_w, down_w = (
+        np.asarray(t, dtype=np.float64) for t in (x, router_weight, gate_w, up_w, down_w)
+    )
+    probs = _softmax(x @ router_weight.T)  # (tokens, E)
+    g = probs * _top_k_mask(probs, top_k)  # (tokens, E)
+    if normalize_top_k:
+        g = g / g.sum(axis=-1, keepdims=True)
+    hidden = silu(np.einsum("eih,th->tei", gate_w, x)) * np.einsum("eih,th->tei", up_w, x)  # (tokens, E, inter)
+    experts = np.einsum("ehi,tei->teh", down_w, hidden)  # (tokens, E, hidden): every expert's answer
+    return np.einsum("te,teh->th", g, experts)
+
+
+def load_balancing_loss_ref(router_logits, num_experts, top_k, mask=None):
+    """The Switch Transformer's load-balancing loss (eq. 4-6) with top-k counts, several layers pooled.
+
+    router_logits: a list of (tokens, E) arrays, one per layer; mask: (tokens,) of 0/1 (padding 0) or None.
+        f_e = (top-k assignments to e) / tokens,  P_e = mean_tokens p_e,  loss = E · Σ_e f_e P_e
+    where the counts, probability sums and token counts add up over all layers before f and P are formed.
+    """
+    counts, prob_sums, rows = np.zeros(num_experts), np.zeros(num_experts), 0.0
+    for logits in router_logits:
+        probs = _softmax(np.asarray(logits, dtype=np.float64))  # (tokens, E)
+        m = np.ones(probs.shape[0]) if mask is None else np.asarray(mask, dtype=np.float64).reshape(-1)  # (tokens,)
+        counts += m @ _top_k_mask(probs, top_k)
+        prob_sums += m @ probs
+        rows += m.sum()
+    return num_experts * np.sum((counts / rows) * (prob_sums / rows))

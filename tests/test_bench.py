@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny shapes (a smoke test: what they measure is not checked here)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -20,11 +21,24 @@ def test_scan_benchmark_prints_its_table(capsys):
 
 def test_decode_benchmark_prints_its_table(capsys):
     main(
-        ["decode", "--d-model", "16", "--n-layer", "1", "--lengths", "8,16", "--chunk", "8", "--repeats", "2"]
-        + ["--rounds", "1", "--no-figure"]
+        ["decode", "--d-model", "16", "--n-layer", "2", "--attn-period", "2", "--lengths", "8,16", "--chunk", "8"]
+        + ["--repeats", "2", "--rounds", "1", "--no-figure"]
     )
     out = capsys.readouterr().out
-    assert out.count("mamba") >= 2, out
+    for layout in ("mamba", "jamba", "attention"):
+        assert len(re.findall(rf"^ *{layout} +\d+ \|", out, re.MULTILINE)) == 2, out  # one row per context
+    assert "goal <= 1.10" in out
+
+
+def test_decode_layouts_have_equal_size():
+    """The three layouts differ in their mixers, not in their parameter count (within 0.5%)."""
+    from minijamba.bench.decode import LAYOUTS, layout_config
+    from minijamba.jamba import count_parameters
+
+    sizes = [count_parameters(layout_config(layout, 256, 8, 8, 256)).total for layout in LAYOUTS]
+    assert max(sizes) / min(sizes) < 1.005, sizes
+    with pytest.raises(SystemExit, match="--models: unknown"):
+        main(["decode", "--models", "rwkv", "--no-figure"])
 
 
 def test_unknown_impl_is_a_clear_error():

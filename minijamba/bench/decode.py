@@ -1,28 +1,38 @@
-"""Benchmark decoding: per-token latency and cache bytes vs context length (Mamba §3.4, constant-time inference).
+"""Benchmark decoding: per-token latency and cache bytes vs context length, for Mamba, Jamba and attention layouts.
 
 A Transformer's decode step reads a KV cache that grows with the context T; a Mamba step reads a fixed state
-(conv_state and ssm_state per layer), so its time and memory per token should not depend on T at all, the claim
-the Falcon Mamba article measures. Here a MambaLM prefills contexts of 128 .. 16384 tokens (once, in chunks: a
-forward with a cache continues it) and model.step is timed at each length. Goal: latency at 16K within 10% of
-latency at 128. The attention-only model of equal parameter count joins this table with the hybrid; until then
-the table has Mamba alone.
+(conv_state and ssm_state per layer), so its time and memory per token should not depend on T at all (Mamba §3.4,
+the claim the Falcon Mamba article measures). Jamba sits between: one layer in eight keeps a KV cache.
+
+Three JambaLMs of one code path and (nearly) one parameter count, dense MLPs (no MoE: the mixers are what differ):
+    mamba      every layer a Mamba block              fixed cache
+    jamba      one attention layer in attn_period      a KV cache in 1/attn_period of the layers
+    attention  every layer attention (a Transformer)  a KV cache in every layer
+An attention layer has 4·d² parameters where a Mamba block has about 6·d², so the attention-only model gets a wider
+MLP to make up the difference. Each model prefills contexts of 128 .. 16384 tokens (once, in chunks: a forward with a
+cache continues it) and model.step is timed at each length. Goal: the Mamba model's latency at 16K within 10% of its
+latency at 128.
 """
 
 import time
 
 import torch
 
-from ..mamba import MambaCache, MambaConfig, MambaLM
+from ..jamba import HybridCache, JambaConfig, JambaLM, count_parameters
 from ..teaching import save_figure
 from .measure import best_time, describe_machine
 
+LAYOUTS = ("mamba", "jamba", "attention")
+
 
 def add_arguments(parser):
-    parser.add_argument("--d-model", type=int, default=384)
-    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--n-layer", type=int, default=8)
+    parser.add_argument("--attn-period", type=int, default=8, help="jamba: one attention layer in this many")
     parser.add_argument("--vocab-size", type=int, default=256)
+    parser.add_argument("--models", default=",".join(LAYOUTS), help=f"comma-separated, from {list(LAYOUTS)}")
     parser.add_argument("--lengths", default="128,256,512,1024,2048,4096,8192,16384", help="comma-separated contexts")
-    parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk length (bounds prefill memory)")
+    parser.add_argument("--chunk", type=int, default=512, help="prefill chunk length (bounds prefill memory)")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per context and round")
     parser.add_argument("--rounds", type=int, default=3, help="passes over all contexts; the best step is reported")
     # Batch-1 decoding is small matmuls: a second OpenMP thread only adds synchronisation, and on a shared 2-core
@@ -31,14 +41,39 @@ def add_arguments(parser):
     parser.add_argument("--no-figure", action="store_true")
 
 
+def _mixers(layout, n_layer, attn_period):
+    return {
+        "mamba": dict(attn_layer_period=n_layer + 1, attn_layer_offset=n_layer),  # no layer index reaches it
+        "jamba": dict(attn_layer_period=attn_period, attn_layer_offset=attn_period // 2),
+        "attention": dict(attn_layer_period=1, attn_layer_offset=0),
+    }[layout]
+
+
+def layout_config(layout, d_model, n_layer, attn_period, vocab_size):
+    """The JambaConfig of one layout, its MLP width chosen so it has as many parameters as the Mamba layout with an
+    MLP of width 2·d_model (parameters grow by 3·d_model·n_layer per unit of width: gate, up, down)."""
+    heads = max(1, d_model // 64)
+    common = dict(
+        vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layer, num_attention_heads=heads,
+        num_key_value_heads=heads, num_experts=1, num_experts_per_tok=1,
+    )  # fmt: skip
+
+    def size(layout, width):
+        mixers = _mixers(layout, n_layer, attn_period)
+        return count_parameters(JambaConfig(intermediate_size=width, **common, **mixers)).total
+
+    width = 1 + round((size("mamba", 2 * d_model) - size(layout, 1)) / (3 * d_model * n_layer))
+    return JambaConfig(intermediate_size=max(1, width), **common, **_mixers(layout, n_layer, attn_period))
+
+
 def _copy(cache):
     """An independent copy: timing steps on it leaves the snapshot it came from at its context length."""
-    return MambaCache([c.clone() for c in cache.conv_states], [s.clone() for s in cache.ssm_states], cache.seqlen)
+    return HybridCache([tuple(t.clone() for t in state) for state in cache.states], cache.seqlen)
 
 
 def _prefill_snapshots(model, ids, lengths, chunk):
-    """One pass over the longest context, in chunks, keeping a copy of the cache at every length (each copy is the
-    whole state, a few hundred KB, whatever the length). Returns ({T: cache after T tokens}, seconds)."""
+    """One pass over the longest context, in chunks, keeping a copy of the cache at every length.
+    Returns ({T: cache after T tokens}, seconds)."""
     cache, snapshots = model.new_cache(1), {}
     start = time.perf_counter()
     for T in lengths:
@@ -48,62 +83,77 @@ def _prefill_snapshots(model, ids, lengths, chunk):
     return snapshots, time.perf_counter() - start
 
 
+def _measure(model, ids, lengths, args):
+    """{T: (ms per token, cache bytes)} for one model: best step time over interleaved rounds."""
+    snapshots, prefill_seconds = _prefill_snapshots(model, ids, lengths, args.chunk)
+    best = dict.fromkeys(lengths, float("inf"))
+    for _ in range(args.rounds):  # interleaved: drift on a shared machine hits every length alike
+        for T in lengths:
+            cache = _copy(snapshots[T])
+            seconds = best_time(lambda cache=cache, T=T: model.step(ids[:, T], cache), repeats=args.repeats)
+            best[T] = min(best[T], seconds)
+    return {T: (best[T] * 1e3, snapshots[T].nbytes) for T in lengths}, prefill_seconds
+
+
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = sorted(int(x) for x in args.lengths.split(","))
-    torch.manual_seed(0)
-    config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab_size)
-    model = MambaLM(config).eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    size = f"d_model {config.d_model}, {config.n_layer} layers, {n_params / 1e6:.2f}M parameters"
-    print(f"decode, batch 1, fp32: MambaLM {size}")
-    print(f"machine: {describe_machine()}")
+    layouts = [m.strip() for m in args.models.split(",")]
+    if unknown := sorted(set(layouts) - set(LAYOUTS)):
+        raise SystemExit(f"--models: unknown {unknown}; choose from {list(LAYOUTS)}")
+    print(f"decode, batch 1, fp32, d_model {args.d_model}, {args.n_layer} layers; machine: {describe_machine()}")
+    ids = torch.randint(0, args.vocab_size, (1, lengths[-1] + 1), generator=torch.Generator().manual_seed(0))
+    results, sizes = {}, {}
+    for layout in layouts:
+        torch.manual_seed(0)
+        config = layout_config(layout, args.d_model, args.n_layer, args.attn_period, args.vocab_size)
+        model = JambaLM(config).eval()
+        sizes[layout] = count_parameters(config).total
+        with torch.inference_mode():
+            results[layout], seconds = _measure(model, ids, lengths, args)
+        kinds = config.layer_types.count("attention")
+        print(
+            f"{layout}: {sizes[layout] / 1e6:.2f}M parameters, {kinds}/{config.num_hidden_layers} attention layers, "
+            f"MLP width {config.intermediate_size}; prefilled {lengths[-1]} tokens in {seconds:.1f} s"
+        )
 
-    ids = torch.randint(0, config.vocab_size, (1, lengths[-1] + 1), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        snapshots, prefill_seconds = _prefill_snapshots(model, ids, lengths, args.chunk)
-        print(f"prefilled {lengths[-1]} tokens in chunks of {args.chunk}: {prefill_seconds:.1f} s")
-        best = dict.fromkeys(lengths, float("inf"))
-        for _ in range(args.rounds):  # interleaved: drift on a shared machine hits every length alike
-            for T in lengths:
-                cache = _copy(snapshots[T])
-                seconds = best_time(lambda cache=cache, T=T: model.step(ids[:, T], cache), repeats=args.repeats)
-                best[T] = min(best[T], seconds)
-    results = {T: (best[T] * 1e3, snapshots[T].nbytes) for T in lengths}
-
-    header = f"{'model':>8} {'context':>8} | {'ms/token':>9} {'vs first':>8} | {'cache KB':>9}"
+    header = f"{'model':>9} {'context':>8} | {'ms/token':>9} {'vs first':>8} | {'cache KB':>10}"
     print(header)
     print("-" * len(header))
-    first = results[lengths[0]][0]
-    for T, (ms, nbytes) in results.items():
-        print(f"{'mamba':>8} {T:>8} | {ms:9.3f} {ms / first:8.2f} | {nbytes / 1024:9.1f}")
-    ratio = results[lengths[-1]][0] / first
-    verdict = "met" if ratio <= 1.10 else "NOT met"
-    print(f"latency at {lengths[-1]} / latency at {lengths[0]} = {ratio:.2f} (goal <= 1.10: {verdict})")
+    for layout, rows in results.items():
+        first = rows[lengths[0]][0]
+        for T, (ms, nbytes) in rows.items():
+            print(f"{layout:>9} {T:>8} | {ms:9.3f} {ms / first:8.2f} | {nbytes / 1024:10.1f}")
+    if "mamba" in results:
+        rows = results["mamba"]
+        ratio = rows[lengths[-1]][0] / rows[lengths[0]][0]
+        verdict = "met" if ratio <= 1.10 else "NOT met"
+        print(f"mamba: latency at {lengths[-1]} / latency at {lengths[0]} = {ratio:.2f} (goal <= 1.10: {verdict})")
     if not args.no_figure:
-        print(f"wrote {_plot(results, lengths, config, n_params)}")
+        print(f"wrote {_plot(results, lengths, sizes, args)}")
     return results
 
 
-def _plot(results, lengths, config, n_params):
+def _plot(results, lengths, sizes, args):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_time.plot(lengths, [results[T][0] for T in lengths], "o-", label="Mamba")
-    ax_time.set_ylim(0, 1.2 * max(results[T][0] for T in lengths))
+    for layout, rows in results.items():
+        label = f"{layout} ({sizes[layout] / 1e6:.1f}M)"
+        ax_time.plot(lengths, [rows[T][0] for T in lengths], "o-", label=label)
+        ax_mem.plot(lengths, [rows[T][1] / 2**20 for T in lengths], "o-", label=label)
     ax_time.set_title("per-token decode latency (ms)")
-    ax_mem.plot(lengths, [results[T][1] / 1024 for T in lengths], "o-", label="Mamba")
-    ax_mem.set_ylim(0, 1.2 * max(results[T][1] for T in lengths) / 1024)
-    ax_mem.set_title("inference cache (KB)")
+    ax_mem.set_title("inference cache (MB)")
     for ax in (ax_time, ax_mem):
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    size = f"{n_params / 1e6:.1f}M params, d_model {config.d_model}, {config.n_layer} layers"
-    fig.suptitle(f"decoding after a prompt of T tokens, batch 1, fp32, CPU ({size})", y=1.03)
+    fig.suptitle(f"decoding after a prompt of T tokens, batch 1, fp32, CPU (d_model {args.d_model}, "
+                 f"{args.n_layer} layers)", y=1.03)  # fmt: skip
     return save_figure(fig, "bench_decode")
