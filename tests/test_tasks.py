@@ -1,5 +1,6 @@
-"""Tests of the synthetic tasks: the generators' layout and seeding, the model's shapes, and a short training run
-in which the selective model beats the LTI one at selective copying (the paper's Table 1, in miniature)."""
+"""Tests of the synthetic tasks: the generators' layout and seeding, the model's shapes, a short training run
+in which the selective model beats the LTI one at selective copying (the paper's Table 1, in miniature), and a
+smoke run of lesson 04's associative-recall experiment (all-Mamba against a hybrid JambaLM)."""
 
 import pytest
 import torch
@@ -8,8 +9,12 @@ from hypothesis import strategies as st
 
 from minijamba.tasks import (
     IGNORE_INDEX,
+    LAYOUTS,
+    AssociativeRecallConfig,
     TaskModel,
     answer_accuracy,
+    associative_recall,
+    associative_recall_experiment,
     induction_heads,
     selective_copying,
     selective_copying_experiment,
@@ -53,8 +58,41 @@ def test_induction_heads_layout(batch, seq_len, vocab, seed):
         assert target.item() == row[first + 1].item() != trigger, "the target is the token after the first trigger"
 
 
+@given(
+    batch=batch,
+    n_pairs=st.integers(1, 16),
+    query_share=st.floats(0, 1),
+    extra_vocab=st.integers(0, 9),
+    seed=seeds,
+)
+def test_associative_recall_layout(batch, n_pairs, query_share, extra_vocab, seed):
+    n_queries = max(1, round(query_share * n_pairs))
+    vocab = 2 * n_pairs + extra_vocab
+    inputs, targets = associative_recall(batch, n_pairs, n_queries, vocab, seed)
+    L = 2 * n_pairs + n_queries
+    assert inputs.shape == targets.shape == (batch, L)
+    assert inputs.dtype == targets.dtype == torch.long
+    keys, values, queries = inputs[:, 0 : 2 * n_pairs : 2], inputs[:, 1 : 2 * n_pairs : 2], inputs[:, 2 * n_pairs :]
+    n_keys = vocab // 2
+    assert bool(((keys >= 0) & (keys < n_keys)).all()), "keys are the ids below vocab // 2"
+    assert bool(((values >= n_keys) & (values < vocab)).all()), "values are the ids from vocab // 2 up"
+    assert bool((targets[:, : 2 * n_pairs] == IGNORE_INDEX).all()), "no target before the queries"
+    for row_keys, row_values, row_queries, answers in zip(
+        keys, values, queries, targets[:, 2 * n_pairs :], strict=True
+    ):
+        assert len(set(row_keys.tolist())) == n_pairs, "the keys of a sequence are distinct"
+        assert len(set(row_queries.tolist())) == n_queries, "each key is queried at most once"
+        paired = dict(zip(row_keys.tolist(), row_values.tolist(), strict=True))
+        assert answers.tolist() == [paired[q] for q in row_queries.tolist()], "each answer is the queried key's value"
+
+
 @pytest.mark.parametrize(
-    "generate", [lambda s: selective_copying(4, 32, 4, 10, s), lambda s: induction_heads(4, 32, 10, s)]
+    "generate",
+    [
+        lambda s: selective_copying(4, 32, 4, 10, s),
+        lambda s: induction_heads(4, 32, 10, s),
+        lambda s: associative_recall(4, 6, 4, 16, s),
+    ],
 )
 def test_generators_are_seeded(generate):
     a, b, c = generate(7), generate(7), generate(8)
@@ -76,6 +114,13 @@ def test_generators_are_seeded(generate):
         (lambda: induction_heads(2, 3, 8), "seq_len"),
         (lambda: induction_heads(2, 16, 1), "vocab"),
         (lambda: TaskModel(8, d_model=0), "d_model"),
+        (lambda: associative_recall(0, 4, 2, 16), "batch"),
+        (lambda: associative_recall(2, 0, 2, 16), "n_pairs"),
+        (lambda: associative_recall(2, 4, 0, 16), "n_queries"),
+        (lambda: associative_recall(2, 4, 5, 16), "n_queries"),
+        (lambda: associative_recall(2, 4, 2, 7), "vocab"),
+        (lambda: associative_recall(2, 4, 2, 2.0 * 8), "vocab"),
+        (lambda: AssociativeRecallConfig().model_config("all-attention"), "layout"),
     ],
 )
 def test_bad_arguments_raise(call, name):
@@ -121,3 +166,20 @@ def test_selective_beats_lti_on_selective_copying():
     lti, s6 = histories[False][-1]["accuracy"], histories[True][-1]["accuracy"]
     print(f"answer accuracy after 200 steps: LTI {lti:.3f}, S6 {s6:.3f}")
     assert s6 > lti + 0.3 and s6 > 0.7
+
+
+def test_associative_recall_experiment_smoke():
+    """Lesson 04's experiment, a few steps of tiny models: both layouts train, and they differ only in the layout."""
+    tiny = dict(n_pairs=4, n_queries=2, vocab=8, hidden_size=16, num_attention_heads=2, intermediate_size=16, batch=8)
+    histories, models = associative_recall_experiment(seed=0, steps=3, eval_every=2, return_models=True, **tiny)
+    assert tuple(histories) == tuple(models) == LAYOUTS
+    for history in histories.values():
+        assert [h["step"] for h in history] == [2, 3]
+        assert all(0.0 <= h["accuracy"] <= 1.0 and h["loss"] > 0 for h in history)
+    assert [layer.kind for layer in models["all-mamba"].layers] == ["mamba", "mamba"]
+    assert [layer.kind for layer in models["hybrid"].layers] == ["mamba", "attention"]
+    configs = {layout: vars(model.config).copy() for layout, model in models.items()}
+    for config in configs.values():
+        del config["attn_layer_period"], config["attn_layer_offset"]
+    assert configs["all-mamba"] == configs["hybrid"], "the two models differ only in where attention is"
+    assert not any(layer.is_moe for model in models.values() for layer in model.layers)
