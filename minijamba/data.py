@@ -13,7 +13,8 @@ The pipeline, each step a function here:
     stories       the text split at the separator, each story stripped
     Tokenizer     a byte-level BPE (HF `tokenizers`) trained on the training stories: any byte sequence encodes, every
                   id decodes back to exact bytes; the separator is one special token, EOT
-    token stream  every story's ids followed by EOT, concatenated: one 1-D tensor per split
+    token stream  every story's ids followed by EOT, concatenated: one 1-D NumPy array per split (memory-mapped
+                  from a cache file for the full dataset)
     get_batch     `batch` windows of context+1 tokens at random offsets (a torch.Generator makes it deterministic);
                   inputs are the first `context` tokens, targets the same shifted by one
     bits/byte     total nats / ln 2 / bytes of text predicted: comparable across tokenizers, unlike nats/token
@@ -26,10 +27,13 @@ newline would be in a file without separators (it is one token in ~200; either c
 Glossary: context — T, the window length;  batch — B windows per step;  EOT — `<|endoftext|>`.
 """
 
+import hashlib
 import lzma
 import math
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -44,6 +48,7 @@ __all__ = [
     "load_tokenizer",
     "token_bytes",
     "encode_stories",
+    "encode_file",
     "get_batch",
     "eval_windows",
     "bits_per_byte",
@@ -120,13 +125,38 @@ def token_bytes(tokenizer):
 
 
 def encode_stories(tokenizer, stories):
-    """Stories -> one int32 token stream (n_tokens,): each story's ids, then EOT."""
+    """Stories -> one token stream, a NumPy int32 array (n_tokens,): each story's ids, then EOT."""
     eot = tokenizer.token_to_id(EOT)
     ids = []
     for encoding in tokenizer.encode_batch(stories):
         ids.extend(encoding.ids)
         ids.append(eot)
-    return torch.tensor(ids, dtype=torch.int32)
+    return np.array(ids, dtype=np.int32)
+
+
+def encode_file(tokenizer, path, block_chars=1 << 26):
+    """A large text file -> its token stream, memory-mapped from a uint16 cache file beside it (written once).
+
+    The text is read in blocks of block_chars characters and split at EOT, so memory stays at one block whatever
+    the file's size (the full TinyStories is 2.2 GB). The cache is named after the tokenizer's hash, so another
+    tokenizer gets its own; it is written to a temp file and renamed, so an interrupted encoding is never reused.
+    """
+    if tokenizer.get_vocab_size() > 1 << 16:
+        raise ValueError(f"encode_file stores uint16 ids: vocab_size {tokenizer.get_vocab_size()} > 65536")
+    path = Path(path)
+    digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:12]
+    cache = path.with_name(f"{path.stem}.{digest}.bin")
+    if not cache.exists():
+        tmp = cache.with_name(cache.name + ".tmp")
+        with open(path, encoding="utf-8") as f, open(tmp, "wb") as out:
+            rest = ""
+            while block := f.read(block_chars):
+                *stories, rest = (rest + block).split(EOT)  # the last piece may be an unfinished story
+                encode_stories(tokenizer, [s.strip() for s in stories if s.strip()]).astype(np.uint16).tofile(out)
+            if rest.strip():
+                encode_stories(tokenizer, [rest.strip()]).astype(np.uint16).tofile(out)
+        os.replace(tmp, cache)
+    return np.memmap(cache, dtype=np.uint16, mode="r")
 
 
 def get_batch(stream, batch, context, generator):
@@ -137,7 +167,8 @@ def get_batch(stream, batch, context, generator):
     if len(stream) < context + 1:
         raise ValueError(f"the token stream ({len(stream)} tokens) is shorter than context + 1 = {context + 1}")
     starts = torch.randint(len(stream) - context, (batch,), generator=generator)  # (batch,)
-    windows = torch.stack([stream[s : s + context + 1] for s in starts.tolist()]).long()  # (batch, context + 1)
+    windows = np.stack([stream[s : s + context + 1] for s in starts.tolist()])  # (batch, context + 1)
+    windows = torch.from_numpy(windows.astype(np.int64))
     return windows[:, :-1], windows[:, 1:]
 
 
@@ -147,8 +178,8 @@ def eval_windows(stream, n_windows, context):
     if n_windows < 1:
         raise ValueError(f"the validation stream ({len(stream)} tokens) is shorter than context + 1 = {context + 1}")
     n = n_windows * context
-    inputs = stream[:n].long().view(n_windows, context)  # (n_windows, context)
-    targets = stream[1 : n + 1].long().view(n_windows, context)
+    inputs = torch.from_numpy(stream[:n].astype(np.int64)).view(n_windows, context)  # (n_windows, context)
+    targets = torch.from_numpy(stream[1 : n + 1].astype(np.int64)).view(n_windows, context)
     return inputs, targets
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -61,7 +62,7 @@ def test_stream_is_stories_then_eot_and_bytes_add_up(tokenizer, stories):
     eot = tokenizer.token_to_id(data.EOT)
     assert int((stream == eot).sum()) == 20 and int(stream[-1]) == eot
     text_bytes = sum(len(s.encode("utf-8")) + 1 for s in stories[:20])  # + 1: EOT counts as one byte
-    assert int(data.token_bytes(tokenizer)[stream.long()].sum()) == text_bytes
+    assert int(data.token_bytes(tokenizer)[torch.from_numpy(stream).long()].sum()) == text_bytes
 
 
 def test_batches_are_deterministic_under_a_seed(tokenizer, stories):
@@ -79,7 +80,7 @@ def test_batches_are_deterministic_under_a_seed(tokenizer, stories):
 
 
 def test_eval_windows_tile_the_stream():
-    stream = torch.arange(50, dtype=torch.int32)
+    stream = np.arange(50, dtype=np.int32)
     inputs, targets = data.eval_windows(stream, 100, 8)  # only 6 windows fit
     assert inputs.shape == (6, 8)
     assert torch.equal(inputs.flatten(), torch.arange(48)) and torch.equal(targets.flatten(), torch.arange(1, 49))
