@@ -51,11 +51,13 @@ from .checkpoint import _atomic_write
 from .download import DEFAULT_DIR, check_downloaded
 from .jamba import JambaConfig, JambaLM, JambaOutput, count_parameters
 from .mamba import MambaConfig, MambaLM
+from .s6 import SelectiveSSM
 from .tasks import param_groups
 
 __all__ = ["TrainConfig", "PRESETS", "MODELS", "TrainingDiverged", "build_model", "train", "load_run", "main"]
 
 MODELS = ("jamba", "mamba", "transformer")
+SCAN_IMPLS = ("auto", "sequential", "chunked")  # "parallel" is O(L log L) memory: not for training
 TOKENIZER_CHARS = 50_000_000  # --data full: the BPE learns its merges from this much of the training text
 
 # Each preset: training settings shared by the models, then per model its shape and its own best learning rate.
@@ -112,6 +114,7 @@ class TrainConfig:
     eval_windows: int = 64  # validation windows of `context` tokens, the same ones every time
     log_every: int = 10  # steps between training-loss rows in log.jsonl
     seed: int = 0
+    scan_impl: str = "auto"  # the Mamba layers' scan: auto (the fastest there is) | sequential | chunked (scan.py)
     device: str = "auto"  # auto: cuda if available
     compile: bool = False  # torch.compile the model
     threads: int | None = None  # torch CPU threads (None: torch's default)
@@ -123,6 +126,8 @@ class TrainConfig:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.scan_impl not in SCAN_IMPLS:
+            raise ValueError(f"scan_impl must be one of {SCAN_IMPLS}, got {self.scan_impl!r}")
         if self.data not in ("bundled", "full"):
             raise ValueError(f"data must be 'bundled' or 'full', got {self.data!r}")
         for name in "vocab_size context batch_size max_steps eval_every eval_windows log_every n_samples".split():
@@ -164,9 +169,17 @@ def model_config(cfg):
     return JambaConfig(**shape)
 
 
-def build_model(config):
-    """JambaLM for a JambaConfig, MambaLM for a MambaConfig."""
-    return MambaLM(config) if isinstance(config, MambaConfig) else JambaLM(config)
+def build_model(config, scan_impl="auto"):
+    """JambaLM for a JambaConfig, MambaLM for a MambaConfig; its Mamba layers scan with `scan_impl`."""
+    model = MambaLM(config) if isinstance(config, MambaConfig) else JambaLM(config)
+    return set_scan_impl(model, scan_impl)
+
+
+def set_scan_impl(model, scan_impl):
+    for module in model.modules():
+        if isinstance(module, SelectiveSSM):
+            module.scan_impl = scan_impl
+    return model
 
 
 def parameter_counts(model):
@@ -351,7 +364,17 @@ def train(cfg):
     resume_from = checkpoint_dir(out_dir) if cfg.resume else None  # a missing checkpoint fails here, before work
     if resume_from is not None:
         saved = json.loads((resume_from / "train_config.json").read_text())
-        free = {"max_steps", "max_minutes", "out_dir", "resume", "device", "compile", "threads", "eval_every"}
+        free = {
+            "max_steps",
+            "max_minutes",
+            "out_dir",
+            "resume",
+            "device",
+            "compile",
+            "threads",
+            "eval_every",
+            "scan_impl",
+        }
         cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in free}})  # the rest as the run began
     mconfig = model_config(cfg)  # a shape that does not divide fails here, before any data is read
     if cfg.threads is not None:
@@ -362,7 +385,11 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     tokenizer = data.load_tokenizer(resume_from) if resume_from is not None else None
     tokenizer, train_stream, valid_stream = _load_data(cfg, tokenizer, say)
-    model = build_model(mconfig) if resume_from is None else type(build_model(mconfig)).from_pretrained(resume_from)
+    if resume_from is None:
+        model = build_model(mconfig, cfg.scan_impl)
+    else:
+        model_class = MambaLM if isinstance(mconfig, MambaConfig) else JambaLM
+        model = set_scan_impl(model_class.from_pretrained(resume_from), cfg.scan_impl)
     model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     generator = torch.Generator().manual_seed(cfg.seed)  # the batches: the same on every rank
