@@ -78,7 +78,7 @@ PRESETS = {
     },
     "tiny": {
         "train": dict(vocab_size=300, context=32, batch_size=8, max_steps=20, warmup_steps=2, eval_every=10,
-                      eval_windows=8, sample_tokens=24, max_stories=300),
+                      eval_windows=8, final_eval_windows=16, sample_tokens=24, max_stories=300),
         "jamba": dict(lr=3e-3, shape=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                           num_attention_heads=4, num_key_value_heads=2, attn_layer_period=4,
                                           attn_layer_offset=2, num_experts=4, mamba_d_state=8)),
@@ -113,6 +113,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100  # steps between evaluations and checkpoints
     eval_windows: int = 64  # validation windows of `context` tokens, the same ones every time
+    final_eval_windows: int = 512  # a larger sample for the number a run reports, once at the end (the first ones)
     log_every: int = 10  # steps between training-loss rows in log.jsonl
     seed: int = 0
     scan_impl: str = "auto"  # the Mamba layers' scan: auto (the fastest there is) | sequential | chunked (scan.py)
@@ -131,7 +132,10 @@ class TrainConfig:
             raise ValueError(f"scan_impl must be one of {SCAN_IMPLS}, got {self.scan_impl!r}")
         if self.data not in ("bundled", "full"):
             raise ValueError(f"data must be 'bundled' or 'full', got {self.data!r}")
-        for name in "vocab_size context batch_size max_steps eval_every eval_windows log_every n_samples".split():
+        positive = (
+            "vocab_size context batch_size max_steps eval_every eval_windows final_eval_windows log_every n_samples"
+        )
+        for name in positive.split():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -488,10 +492,20 @@ def train(cfg):
     if not metrics or step % cfg.eval_every:  # the last step was not evaluated yet
         metrics = evaluate_and_save()
         log({"step": step, "tokens": step * tokens_per_step, "elapsed_s": elapsed, **metrics})
+    inputs, targets = data.eval_windows(valid_stream, cfg.final_eval_windows, cfg.context)  # after the clock stops
+    final = evaluate(raw_model, inputs, targets, token_bytes, cfg.batch_size, autocast, rank, world)
+    final = {
+        "final_val_loss": final["val_loss"],
+        "final_val_bpb": final["val_bpb"],
+        "final_eval_tokens": targets.numel(),
+    }
+    log({"step": step, **final})
     tokens_per_s = step * tokens_per_step / max(elapsed, 1e-9)
     say(f"done: {step} steps, {step * tokens_per_step:,} tokens in {elapsed / 60:.1f} min ({tokens_per_s:,.0f} "
-        f"tokens/s); validation {metrics['val_loss']:.4f} nats/token, {metrics['val_bpb']:.4f} bits/byte")  # fmt: skip
+        f"tokens/s); validation ({final['final_eval_tokens']:,} tokens): {final['final_val_loss']:.4f} nats/token, "
+        f"{final['final_val_bpb']:.4f} bits/byte")  # fmt: skip
     result = {"step": step, "elapsed_s": elapsed, "tokens_per_s": tokens_per_s, "out_dir": str(out_dir), **metrics}
+    result.update(final)
     if rank == 0:
         result["stories"] = sample_stories(raw_model, tokenizer, n=cfg.n_samples, max_new_tokens=cfg.sample_tokens)
         for i, story in enumerate(result["stories"], 1):

@@ -45,6 +45,8 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(tiny_run):
     assert not list(out_dir.glob("ckpt-0000010"))  # older checkpoints are removed once the new one is in place
     val = log_rows(out_dir, "val_bpb")
     assert [s for s, _ in val] == [10, 20] and val[-1][1] == pytest.approx(result["val_bpb"])
+    final = log_rows(out_dir, "final_val_bpb")  # the reported number: twice the windows, once at the end
+    assert final == [(20, pytest.approx(result["final_val_bpb"]))] and result["final_eval_tokens"] == 16 * 32
     assert len(result["stories"]) == 2 and all(s.startswith("Once upon a time") for s in result["stories"])
 
 
