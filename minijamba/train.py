@@ -146,6 +146,12 @@ class TrainConfig:
         for name in ("lr", "grad_clip", "beta1", "beta2"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"warmup_steps and weight_decay must be >= 0, got {self.warmup_steps}, {self.weight_decay}"
+            )
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive or None, got {self.max_minutes!r}")
 
