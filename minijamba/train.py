@@ -201,18 +201,14 @@ def parameter_counts(model):
     return total, total
 
 
-def compute_loss(model, inputs, targets):
-    """(loss to minimise, cross-entropy in nats/token): the LM loss plus the weighted MoE aux loss for a JambaLM."""
+def compute_loss(model, inputs, targets, aux_loss_coef=0.0):
+    """(loss to minimise, cross-entropy in nats/token): the LM loss plus aux_loss_coef · a JambaLM's MoE aux loss."""
     out = model(inputs)
     logits = out.logits if isinstance(out, JambaOutput) else out  # (batch, context, vocab)
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     if isinstance(out, JambaOutput):
-        return ce + model_config_of(model).router_aux_loss_coef * out.aux_loss, ce
+        return ce + aux_loss_coef * out.aux_loss, ce
     return ce, ce
-
-
-def model_config_of(model):
-    return getattr(model, "module", model).config  # through DistributedDataParallel's wrapper
 
 
 def lr_at(cfg, step, elapsed):
@@ -451,6 +447,7 @@ def train(cfg):
         return metrics
 
     rows_per_rank = cfg.batch_size // world
+    aux_loss_coef = getattr(mconfig, "router_aux_loss_coef", 0.0)  # MambaLM has no experts
     tokens_per_step = cfg.batch_size * cfg.context
     losses, start = [], time.perf_counter() - elapsed  # the clock continues a resumed run's
     session_start, session_step = time.perf_counter(), step
@@ -464,7 +461,7 @@ def train(cfg):
         inputs, targets = data.get_batch(train_stream, cfg.batch_size, cfg.context, generator)  # (batch, context)
         rows = slice(rank * rows_per_rank, (rank + 1) * rows_per_rank)  # this process's share of the global batch
         with autocast:
-            loss, ce = compute_loss(model, inputs[rows].to(device), targets[rows].to(device))
+            loss, ce = compute_loss(model, inputs[rows].to(device), targets[rows].to(device), aux_loss_coef)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
