@@ -44,7 +44,7 @@ train: setup ## train a small Jamba on the bundled TinyStories (~20 min on 2 CPU
 sample: setup ## sample stories from the checkpoint `make train` wrote (runs/jamba)
 	$(PY) -m minijamba.sample --ckpt runs/jamba
 
-data-full: setup ## download the full TinyStories (2.2 GB; needs a network) for `train --data full`
+data-full: setup ## download the full TinyStories (~2 GB; needs a network) for `train --data full`
 	$(PY) -m minijamba.download
 
 bench: setup ## run the benchmarks, print their tables, write figures/bench_*.png (minutes)

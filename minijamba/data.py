@@ -5,7 +5,7 @@ license CDLA-Sharing-1.0) is short stories in simple English written by GPT-3.5/
     "bundled"  a cut shipped in this package (data/tinystories/*.txt.xz, 2.6 MB; see its README for provenance):
                10,345 training stories (8.7 MB of text) and the first 5,200 stories of the official V2 validation
                split (4.2 MB). Works offline; what `make train` uses.
-    "full"     the official TinyStoriesV2-GPT4 files (about 2.2 GB of training text), downloaded on request into a
+    "full"     the official TinyStoriesV2-GPT4 files (about 2 GB of training text), downloaded on request into a
                folder of yours by `download.py` (`make data-full`, `python -m minijamba.train --data full`).
 Both are plain text with every story ending in a line `<|endoftext|>`.
 
@@ -22,7 +22,7 @@ The pipeline, each step a function here:
 Bytes of text: a byte-level BPE token stands for a fixed byte string (its vocabulary entry is one printable
 character per byte, GPT-2's bytes-to-unicode map), so `token_bytes` gives every id's length in bytes and a
 window's text is sum(token_bytes[targets]) bytes exactly. EOT counts as 1 byte: the story boundary, as a
-newline would be in a file without separators (it is one token in ~200; either choice moves bits/byte by < 0.5%).
+newline would be in a file without separators (one token in ~225; counting it as 0 bytes would move bits/byte by 0.1%).
 
 Glossary: context — T, the window length;  batch — B windows per step;  EOT — `<|endoftext|>`.
 """
@@ -138,7 +138,7 @@ def encode_file(tokenizer, path, block_chars=1 << 26):
     """A large text file -> its token stream, memory-mapped from a uint16 cache file beside it (written once).
 
     The text is read in blocks of block_chars characters and split at EOT, so memory stays at one block whatever
-    the file's size (the full TinyStories is 2.2 GB). The cache is named after the tokenizer's hash, so another
+    the file's size (the full training text is about 2 GB). The cache is named after the tokenizer's hash, so another
     tokenizer gets its own; it is written to a temp file and renamed, so an interrupted encoding is never reused.
     """
     if tokenizer.get_vocab_size() > 1 << 16:

@@ -1,10 +1,10 @@
 """Download the full TinyStories dataset where there is a network: `python -m minijamba.download` (`make data-full`).
 
 The official files on the Hugging Face hub (roneneldan/TinyStories, CDLA-Sharing-1.0):
-    TinyStoriesV2-GPT4-train.txt   about 2.2 GB   -> <dir>/train.txt
-    TinyStoriesV2-GPT4-valid.txt   about 22 MB    -> <dir>/valid.txt
+    TinyStoriesV2-GPT4-train.txt   about 2 GB       -> <dir>/train.txt
+    TinyStoriesV2-GPT4-valid.txt   tens of MB       -> <dir>/valid.txt
 in the same format as the bundled cut (stories separated by `<|endoftext|>` lines), so data.read_text reads them and
-`python -m minijamba.train --data full` trains on them (the tokenizer on the first TOKENIZER_BYTES of text).
+`python -m minijamba.train --data full` trains on them (the tokenizer on the first train.TOKENIZER_CHARS characters).
 
 A download goes to <file>.part and is renamed only once complete and checked, so an interrupted one never looks
 done. Run it again to resume: the request asks for the missing bytes only (HTTP Range), and a connection cut

@@ -340,7 +340,7 @@ def _distributed():
 def _load_data(cfg, tokenizer=None, say=print):
     """(tokenizer, train stream, valid stream): trains the tokenizer unless one is given (a resumed run's)."""
     t0 = time.perf_counter()
-    if cfg.data == "full":  # 2.2 GB: the tokenizer learns from the first TOKENIZER_CHARS, streams are memory-mapped
+    if cfg.data == "full":  # ~2 GB: the tokenizer learns from the first TOKENIZER_CHARS, streams are memory-mapped
         data_dir = Path(cfg.data_dir or DEFAULT_DIR)
         check_downloaded(data_dir)
         if tokenizer is None:
