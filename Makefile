@@ -51,8 +51,13 @@ bench: setup ## run the benchmarks, print their tables, write figures/bench_*.pn
 	$(PY) -m minijamba.bench scan
 	$(PY) -m minijamba.bench decode
 
+# On a GPU machine, with a CUDA build of torch (a CPU-only torch cannot build the .cu: `make cuda-check` says so).
+cuda-check: export CUDA_HOME ?= /usr/local/cuda
+cuda-check: export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 cuda-check: setup ## on a GPU machine: build the CUDA extension, run CUDA tests and the GPU benchmark
-	@echo "make cuda-check: coming in a later issue (fused CUDA scan)"; exit 1
+	$(PY) -c "from minijamba import fused; print('built', fused.load('cuda').__file__)"
+	$(PY) -m pytest tests/test_fused_scan.py -k "cuda" -rs
+	$(PY) -m minijamba.bench scan --impls cuda,cpu,chunked --batch 8 --dim 2048 --lengths 1024,4096 --no-figure
 
 clean: ## remove caches and build outputs (keeps .venv)
 	rm -rf build .pytest_cache .hypothesis .ruff_cache

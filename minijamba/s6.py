@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minijamba.scan import IMPLS, selective_scan, softplus
+from minijamba.scan import FUSED_IMPLS, IMPLS, selective_scan, softplus
 
 __all__ = ["SelectiveSSM"]
 
-_SCAN_IMPLS = ("auto", *IMPLS)
+_SCAN_IMPLS = ("auto", *IMPLS, *FUSED_IMPLS)
 
 
 def _check_positive_int(name, value):

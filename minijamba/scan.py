@@ -15,7 +15,10 @@ so it can be computed as a parallel prefix scan. The implementations:
                   chunk's (batch, dim, T, d_state) tensor exists at a time, and with autograd each chunk is
                   recomputed in the backward pass (activation checkpointing) from its carried-in state, as the
                   official CUDA kernel does with its chunk-boundary states.
-    "auto"        the best available (the chunked torch scan until the fused kernels of lesson 06 land).
+    "cpu"         the fused C++ kernel (minijamba.fused, cuda/selective_scan_cpu.cpp; lesson 06): each channel's
+                  states stay in registers while L streams through; backward recomputes from chunk-start states.
+    "cuda"        the fused CUDA kernel (cuda/selective_scan.cu), for CUDA tensors, where it can be built.
+    "auto"        the fused kernel for u's device when it builds; otherwise "chunked", with a one-time warning.
 
 Glossary (code name — symbol in the Mamba paper):
     u            — x, the input (batch, dim, L)
@@ -32,13 +35,16 @@ every digit on long sequences (the failure of a popular pure-PyTorch scan whose 
 disagree). The Hillis–Steele rounds below only multiply numbers that are each at most 1 in magnitude.
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import fused
 from .reference import check_selective_scan_shapes
 
-__all__ = ["selective_scan", "IMPLS", "DEFAULT_CHUNK"]
+__all__ = ["selective_scan", "IMPLS", "FUSED_IMPLS", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 64
 
@@ -122,11 +128,28 @@ def _scan_chunked(u, delta, A, B, C, x0, chunk=DEFAULT_CHUNK):
 
 
 IMPLS = {"sequential": _scan_sequential, "parallel": _scan_parallel, "chunked": _scan_chunked}
+FUSED_IMPLS = fused.KINDS  # ("cpu", "cuda"): the kernels of cuda/, named after the device they run on
+_warned = set()  # the kinds whose failed build "auto" has already warned about
+
+
+def _auto_impl(u):
+    """The fused kernel for u's device if it builds, else "chunked" (warning once per process and kind)."""
+    kind = "cuda" if u.is_cuda else "cpu"
+    try:
+        fused.load(kind)
+        return kind
+    except fused.BuildError as error:
+        if kind not in _warned:
+            _warned.add(kind)
+            warnings.warn(
+                f"selective_scan: using the chunked torch scan instead of the fused one: {error}", stacklevel=3
+            )
+        return "chunked"
 
 
 def _check_tensors(u, tensors, impl):
-    if impl != "auto" and impl not in IMPLS:
-        raise ValueError(f"impl must be one of {['auto', *IMPLS]}, got {impl!r}")
+    if impl != "auto" and impl not in IMPLS and impl not in FUSED_IMPLS:
+        raise ValueError(f"impl must be one of {['auto', *IMPLS, *FUSED_IMPLS]}, got {impl!r}")
     if u.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"u must be float32 or float64, got {u.dtype}")
     for name, t in tensors.items():
@@ -168,13 +191,22 @@ def selective_scan(
     tensors = dict(delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
     _check_tensors(u, tensors, impl)
     check_selective_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if impl in FUSED_IMPLS and u.device.type != impl:
+        raise ValueError(f"impl={impl!r} needs tensors on the {impl} device, u is on {u.device}")
 
+    if impl == "auto":
+        impl = _auto_impl(u)
+    if impl in FUSED_IMPLS:
+        y, last_state = fused.fused_selective_scan(
+            impl, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
+        )
+        return (y, last_state) if return_last_state else y
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = softplus(delta)
     x0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state
-    y, last_state = IMPLS["chunked" if impl == "auto" else impl](u, delta, A, B, C, x0)
+    y, last_state = IMPLS[impl](u, delta, A, B, C, x0)
     if D is not None:
         y = y + D[:, None] * u
     if z is not None:

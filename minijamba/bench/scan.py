@@ -3,15 +3,25 @@
 The shape is a Mamba layer's (batch 2, d_inner 512, d_state 16, fp32) with every option on (selective B and C,
 D, z, delta_bias, softplus), as a Mamba block calls it. Forward runs under torch.no_grad (inference);
 forward+backward runs with gradients for every input (training).
+
+Rows: the torch scans (minijamba.scan.IMPLS), the fused CPU twin ("cpu") and, where a GPU is present, the CUDA
+kernel ("cuda"). A CUDA row also reports its forward against the bandwidth floor (Mamba §3.3.2: the scan is
+memory-bound): the bytes that must move, u, delta, z, B, C in and y out, divided by the device's measured
+copy bandwidth, as a percentage of the measured forward time.
 """
 
 import math
 
 import torch
 
-from ..scan import DEFAULT_CHUNK, IMPLS, selective_scan
+from ..scan import DEFAULT_CHUNK, FUSED_IMPLS, IMPLS, selective_scan
 from ..teaching import save_figure
 from .measure import best_time, describe_machine, peak_extra_bytes
+
+
+def available_impls():
+    """The torch scans, the CPU twin, and the CUDA kernel where a GPU is present."""
+    return [*IMPLS, "cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 def add_arguments(parser):
@@ -19,14 +29,15 @@ def add_arguments(parser):
     parser.add_argument("--dim", type=int, default=512, help="channels (d_inner)")
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--lengths", default="256,512,1024,2048,4096,8192", help="comma-separated L values")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {list(IMPLS)}")
+    choices = [*IMPLS, *FUSED_IMPLS]
+    parser.add_argument("--impls", default=",".join(available_impls()), help=f"comma-separated, from {choices}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-gb", type=float, default=4.0, help="skip runs estimated to need more memory")
     parser.add_argument("--max-seconds", type=float, default=5.0, help="skip runs predicted to take longer")
     parser.add_argument("--no-figure", action="store_true")
 
 
-def _inputs(batch, dim, N, L, requires_grad):
+def _inputs(batch, dim, N, L, requires_grad, device="cpu"):
     g = torch.Generator().manual_seed(0)
     t = dict(
         u=torch.randn(batch, dim, L, generator=g),
@@ -38,7 +49,7 @@ def _inputs(batch, dim, N, L, requires_grad):
         z=torch.randn(batch, dim, L, generator=g),
         delta_bias=torch.zeros(dim),
     )
-    return {k: v.requires_grad_(requires_grad) for k, v in t.items()}
+    return {k: v.to(device).requires_grad_(requires_grad) for k, v in t.items()}
 
 
 def _estimated_bytes(impl, batch, dim, N, L, backward):
@@ -55,7 +66,8 @@ def _estimated_bytes(impl, batch, dim, N, L, backward):
 
 
 def _measure(impl, batch, dim, N, L, backward, repeats):
-    args = _inputs(batch, dim, N, L, requires_grad=backward)
+    device = "cuda" if impl == "cuda" else "cpu"
+    args = _inputs(batch, dim, N, L, requires_grad=backward, device=device)
 
     def forward():
         with torch.no_grad():
@@ -66,15 +78,44 @@ def _measure(impl, batch, dim, N, L, backward, repeats):
         y.backward(torch.ones_like(y))
 
     fn = forward_backward if backward else forward
-    return best_time(fn, repeats=repeats), peak_extra_bytes(fn)
+    if device == "cpu":
+        return best_time(fn, repeats=repeats), peak_extra_bytes(fn)
+
+    def synchronized():
+        fn()
+        torch.cuda.synchronize()
+
+    seconds = best_time(synchronized, repeats=repeats)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    synchronized()
+    return seconds, torch.cuda.max_memory_allocated() - before
+
+
+def device_bandwidth(gib=1):
+    """Measured bytes per second of a large device-to-device copy (each byte read once and written once)."""
+    src = torch.empty(gib * 2**28, device="cuda")  # gib GiB of float32
+    dst = torch.empty_like(src)
+    seconds = best_time(lambda: (dst.copy_(src), torch.cuda.synchronize()), repeats=5)
+    return 2 * src.numel() * 4 / seconds
+
+
+def floor_bytes(batch, dim, N, L):
+    """Bytes a fused forward must move: u, delta, z (batch, dim, L) and B, C (batch, N, L) in, y out, fp32."""
+    return 4 * (4 * batch * dim * L + 2 * batch * N * L)
 
 
 def run(args):
     lengths = [int(x) for x in args.lengths.split(",")]
     impls = args.impls.split(",")
-    unknown = [i for i in impls if i not in IMPLS]
+    unknown = [i for i in impls if i not in IMPLS and i not in FUSED_IMPLS]
     if unknown:
-        raise SystemExit(f"--impls: unknown {unknown}; choose from {list(IMPLS)}")
+        raise SystemExit(f"--impls: unknown {unknown}; choose from {[*IMPLS, *FUSED_IMPLS]}")
+    if "cuda" in impls and not torch.cuda.is_available():
+        raise SystemExit("--impls: cuda needs a GPU, and torch sees none here")
+    bandwidth = device_bandwidth() if "cuda" in impls else None
+    if bandwidth:
+        print(f"GPU: {torch.cuda.get_device_name()}, measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(f"selective scan, batch {args.batch}, dim {args.dim}, d_state {args.d_state}, fp32")
     print(f"machine: {describe_machine()}")
     header = f"{'impl':>10} {'L':>6} | {'fwd ms':>9} {'fwd MB':>8} | {'fwd+bwd ms':>10} {'fwd+bwd MB':>10}"
@@ -95,7 +136,11 @@ def run(args):
                 row.append((seconds * 1e3, peak / 2**20))
             results[impl, L] = row
             (f_ms, f_mb), (b_ms, b_mb) = row
-            print(f"{impl:>10} {L:>6} | {f_ms:9.1f} {f_mb:8.1f} | {b_ms:10.1f} {b_mb:10.1f}", flush=True)
+            line = f"{impl:>10} {L:>6} | {f_ms:9.1f} {f_mb:8.1f} | {b_ms:10.1f} {b_mb:10.1f}"
+            if impl == "cuda":
+                floor_ms = floor_bytes(args.batch, args.dim, args.d_state, L) / bandwidth * 1e3
+                line += f" | bandwidth floor {floor_ms:.3f} ms = {floor_ms / f_ms:.0%} of fwd"
+            print(line, flush=True)
     print("nan: skipped, predicted to need more than --max-gb of memory or --max-seconds per run")
     if not args.no_figure:
         print(f"wrote {_plot(results, impls, lengths, args)}")
@@ -117,5 +162,5 @@ def _plot(results, impls, lengths, args):
         ax.set_xlabel("sequence length L")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"selective scan on CPU: batch {args.batch}, dim {args.dim}, d_state {args.d_state}, fp32")
+    fig.suptitle(f"selective scan: batch {args.batch}, dim {args.dim}, d_state {args.d_state}, fp32")
     return save_figure(fig, "bench_scan_cpu")

@@ -1,0 +1,261 @@
+// The CPU twin of the fused selective-scan kernel: the same algorithm shape as selective_scan.cu, on cores.
+//
+// Mamba §3.3.2: the scan is memory-bound, so the fast version never writes the (batch, dim, L, N) states to
+// memory. Here one task owns a (batch, channel) pair and streams its sequence through once, reading u, delta
+// and z along L and writing y; tasks run in parallel over batch · dim with at::parallel_for. A core has no
+// block of threads to spend on a parallel scan, so each task runs the recurrence in order (work L · N, the
+// least there is), a chunk of `chunk` = 64 steps at a time:
+//   1. the chunk's step sizes dt_k and drives b_k[n] = dt_k · B_k[n] · u_k,
+//   2. its decays a_k[n] = e^(dt_k · A[n]), in one vectorized loop (cpu_exp.h): almost all of the arithmetic,
+//   3. the states x_k[n] = a_k[n] · x_{k-1}[n] + b_k[n], vectorized over n,
+//   4. the readout y_k = Σ_n C_k[n] · x_k[n] + D · u_k, then the gate silu(z_k).
+// The chunk's states live in a (chunk + 1) × N tile (4 KB at N = 16) that stays in L1: the state of the whole
+// sequence is never stored. Sums over n run in the order n = 0, 1, ..., as the reference's do.
+//
+// The backward recomputes instead of storing: the forward saves the state at every chunk start
+// (O(L / chunk · N) per channel), and the backward walks the chunks from last to first, recomputes one chunk's
+// tile from its saved start (steps 1-3 again), and runs the reverse recurrence of the gradient through it,
+//     gx_k = gp_k · C_k + h_{k+1},   h_k = a_k · gx_k        (h_k: gradient with respect to the state x_{k-1}),
+// where gp_k is the gradient of the pre-gate output. The maths of a step is in scan_op.h, shared with CUDA.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu_exp.h"
+#include "selective_scan.h"
+
+namespace minijamba {
+namespace {
+
+// Enough (t, n) updates per task that starting a thread pays for itself.
+constexpr int64_t kMinWorkPerTask = 1 << 15;
+
+int64_t grain_size(const int64_t length, const int64_t d_state) {
+  return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, length * d_state));
+}
+
+// float: the vectorizable exp of cpu_exp.h; float64 keeps libm's, as it is there for the tests, not for speed.
+inline float exp_of(const float x) { return exp_float(x); }
+inline double exp_of(const double x) { return std::exp(x); }
+
+// Step 2: decays[k·N + n] = e^(dt[k] · A[n]) for k < steps.
+template <typename T>
+inline void decays_of(const T* dt, const T* A, T* __restrict decays, const int64_t steps, const int64_t N) {
+  for (int64_t k = 0; k < steps; ++k)
+    for (int64_t n = 0; n < N; ++n) decays[k * N + n] = exp_of(dt[k] * A[n]);
+}
+
+// Step 3: states[(k+1)·N + n] = decays[k·N + n] · states[k·N + n] + drives[k·N + n]; states[0..N) is the start.
+template <typename T>
+inline void run_steps(const T* decays, const T* drives, T* states, const int64_t steps, const int64_t N) {
+  for (int64_t k = 0; k < steps; ++k) {
+    const T* __restrict before = states + k * N;
+    T* __restrict after = states + (k + 1) * N;
+    for (int64_t n = 0; n < N; ++n) after[n] = decays[k * N + n] * before[n] + drives[k * N + n];
+  }
+}
+
+// The float versions are compiled twice, for AVX2 and for any x86-64, and picked at load time (cpu_exp.h).
+MJ_VECTORIZE void decays_f32(const float* dt, const float* A, float* decays, int64_t steps, int64_t N) {
+  decays_of(dt, A, decays, steps, N);
+}
+MJ_VECTORIZE void run_steps_f32(const float* decays, const float* drives, float* states, int64_t steps, int64_t N) {
+  run_steps(decays, drives, states, steps, N);
+}
+void decays_vec(const float* dt, const float* A, float* decays, int64_t steps, int64_t N) {
+  decays_f32(dt, A, decays, steps, N);
+}
+void decays_vec(const double* dt, const double* A, double* decays, int64_t steps, int64_t N) {
+  decays_of(dt, A, decays, steps, N);
+}
+void run_steps_vec(const float* decays, const float* drives, float* states, int64_t steps, int64_t N) {
+  run_steps_f32(decays, drives, states, steps, N);
+}
+void run_steps_vec(const double* decays, const double* drives, double* states, int64_t steps, int64_t N) {
+  run_steps(decays, drives, states, steps, N);
+}
+
+// One (batch, channel) pair: its rows of u, delta, z, its A, B, C, D and delta_bias, so the loops read like maths.
+template <typename T>
+struct Channel {
+  const T *u, *delta, *z, *A, *B, *C;
+  T D, bias;
+  int64_t row, state;      // offsets of its (L,) rows in (batch, dim, L) and of its (N,) state in (batch, dim, N)
+  int64_t Bn, Bt, Cn, Ct;  // strides of B and C along n and t
+
+  Channel(const ScanArgs<T>& p, const int64_t b, const int64_t d)
+      : u(p.u + (b * p.dim + d) * p.length),
+        delta(p.delta + (b * p.dim + d) * p.length),
+        z(p.z ? p.z + (b * p.dim + d) * p.length : nullptr),
+        A(p.A + d * p.d_state),
+        B(p.B + p.B_view.offset(b, d)),
+        C(p.C + p.C_view.offset(b, d)),
+        D(p.D ? p.D[d] : T(0)),
+        bias(p.delta_bias ? p.delta_bias[d] : T(0)),
+        row((b * p.dim + d) * p.length),
+        state((b * p.dim + d) * p.d_state),
+        Bn(p.B_view.n_stride),
+        Bt(p.B_view.t_stride),
+        Cn(p.C_view.n_stride),
+        Ct(p.C_view.t_stride) {}
+};
+
+// One task's scratch for a chunk of steps t0 + k, k < chunk: dt[k], dt_u[k] = dt[k]·u, decays and drives
+// [k·N + n], the states tile [k·N + n] (the state before step k, k = 0..chunk) and the readout pre[k].
+template <typename T>
+struct Workspace {
+  std::vector<T> dt, dt_u, decays, drives, states, pre;
+  explicit Workspace(const ScanArgs<T>& p)
+      : dt(p.chunk),
+        dt_u(p.chunk),
+        decays(p.chunk * p.d_state),
+        drives(p.chunk * p.d_state),
+        states((p.chunk + 1) * p.d_state),
+        pre(p.chunk) {}
+};
+
+// Steps 1-3 for steps t0..t1-1 of a channel; w.states[0..N) must hold the state before t0.
+template <typename T>
+void run_chunk(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, const int64_t t1, Workspace<T>& w) {
+  const int64_t N = p.d_state, steps = t1 - t0;
+  for (int64_t k = 0; k < steps; ++k) {
+    w.dt[k] = step_size(ch.delta[t0 + k], ch.bias, p.delta_softplus);
+    w.dt_u[k] = w.dt[k] * ch.u[t0 + k];
+  }
+  for (int64_t n = 0; n < N; ++n) {  // B along t: contiguous (selective) or one value (time-invariant)
+    const T* B_n = ch.B + n * ch.Bn + t0 * ch.Bt;
+    if (ch.Bt == 1) {
+      for (int64_t k = 0; k < steps; ++k) w.drives[k * N + n] = w.dt_u[k] * B_n[k];
+    } else {
+      for (int64_t k = 0; k < steps; ++k) w.drives[k * N + n] = w.dt_u[k] * B_n[0];
+    }
+  }
+  decays_vec(w.dt.data(), ch.A, w.decays.data(), steps, N);
+  run_steps_vec(w.decays.data(), w.drives.data(), w.states.data(), steps, N);
+}
+
+// Step 4 without the gate: pre[k] = D·u + Σ_n C[n]·x_k[n], summed over n in order (vectorized over k).
+template <typename T>
+void readout(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, const int64_t t1, Workspace<T>& w) {
+  const int64_t N = p.d_state, steps = t1 - t0;
+  for (int64_t k = 0; k < steps; ++k) w.pre[k] = ch.D * ch.u[t0 + k];
+  for (int64_t n = 0; n < N; ++n) {
+    const T *C_n = ch.C + n * ch.Cn + t0 * ch.Ct, *x_n = w.states.data() + N + n;
+    if (ch.Ct == 1) {
+      for (int64_t k = 0; k < steps; ++k) w.pre[k] += C_n[k] * x_n[k * N];
+    } else {
+      for (int64_t k = 0; k < steps; ++k) w.pre[k] += C_n[0] * x_n[k * N];
+    }
+  }
+}
+
+template <typename T>
+void forward_channel(const ScanArgs<T>& p, const int64_t b, const int64_t d, Workspace<T>& w) {
+  const Channel<T> ch(p, b, d);
+  const int64_t N = p.d_state;
+  T* x = w.states.data();  // the running state: the tile's first row
+  for (int64_t n = 0; n < N; ++n) x[n] = p.initial_state ? p.initial_state[ch.state + n] : T(0);
+  for (int64_t c = 0; c < p.n_chunks; ++c) {
+    const int64_t t0 = c * p.chunk, t1 = std::min(p.length, t0 + p.chunk);
+    if (p.chunk_states) std::copy(x, x + N, p.chunk_states + ch.state * p.n_chunks + c * N);
+    run_chunk(p, ch, t0, t1, w);
+    readout(p, ch, t0, t1, w);
+    for (int64_t t = t0; t < t1; ++t) p.y[ch.row + t] = ch.z ? w.pre[t - t0] * silu(ch.z[t]) : w.pre[t - t0];
+    std::copy_n(x + (t1 - t0) * N, N, x);  // the chunk's last state starts the next chunk
+  }
+  std::copy(x, x + N, p.last_state + ch.state);
+}
+
+// The gradients one task accumulates for inputs shared across channels or batch: its own slice of each buffer.
+template <typename T>
+struct SharedGrads {
+  T *A, *B, *C, *D, *delta_bias;
+};
+
+template <typename T>
+void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64_t b, const int64_t d,
+                      Workspace<T>& w, T* h) {
+  const Channel<T> ch(p, b, d);
+  const int64_t N = p.d_state;
+  T *grad_B = g.B + p.B_view.offset(b, d), *grad_C = g.C + p.C_view.offset(b, d), *grad_A = g.A + d * N;
+  const T* grad_y = p.grad_y + ch.row;
+  // h[n]: the gradient with respect to the state before the step being undone; at first, after the last one.
+  for (int64_t n = 0; n < N; ++n) h[n] = p.grad_last_state ? p.grad_last_state[ch.state + n] : T(0);
+  T grad_D = 0, grad_bias = 0;
+
+  for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * p.chunk, t1 = std::min(p.length, t0 + p.chunk);
+    std::copy_n(p.chunk_states + ch.state * p.n_chunks + c * N, N, w.states.data());
+    run_chunk(p, ch, t0, t1, w);  // recompute the chunk's states from the one the forward saved at its start
+    if (ch.z) readout(p, ch, t0, t1, w);
+    for (int64_t t = t1 - 1; t >= t0; --t) {  // undo the steps in reverse order
+      const int64_t k = t - t0;
+      const T *x_before = w.states.data() + k * N, *x_after = x_before + N, *a = w.decays.data() + k * N;
+      const T dt = w.dt[k], dt_u = w.dt_u[k];
+      T grad_pre = grad_y[t];  // gradient of y before the gate: C·x + D·u
+      if (ch.z) {
+        p.grad_z[ch.row + t] = grad_y[t] * w.pre[k] * silu_grad(ch.z[t]);
+        grad_pre = grad_y[t] * silu(ch.z[t]);
+      }
+      grad_D += grad_pre * ch.u[t];
+      T grad_dt = 0, grad_dt_u = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t B_nt = n * ch.Bn + t * ch.Bt, C_nt = n * ch.Cn + t * ch.Ct;
+        const T grad_x = grad_pre * ch.C[C_nt] + h[n];  // gradient with respect to x_t
+        grad_C[C_nt] += grad_pre * x_after[n];
+        grad_B[B_nt] += grad_x * dt_u;
+        grad_dt_u += grad_x * ch.B[B_nt];
+        const T grad_exponent = grad_x * x_before[n] * a[n];  // with respect to dt·A
+        grad_A[n] += grad_exponent * dt;
+        grad_dt += grad_exponent * ch.A[n];
+        h[n] = a[n] * grad_x;
+      }
+      grad_dt += grad_dt_u * ch.u[t];
+      const T grad_s = grad_dt * step_size_grad(ch.delta[t], ch.bias, p.delta_softplus);
+      p.grad_u[ch.row + t] = grad_pre * ch.D + grad_dt_u * dt;
+      p.grad_delta[ch.row + t] = grad_s;
+      grad_bias += grad_s;
+    }
+  }
+  if (g.D) g.D[d] += grad_D;
+  if (g.delta_bias) g.delta_bias[d] += grad_bias;
+  if (p.grad_initial_state) std::copy(h, h + N, p.grad_initial_state + ch.state);
+}
+
+}  // namespace
+
+template <typename T>
+void selective_scan_forward_cpu(const ScanArgs<T>& p) {
+  at::parallel_for(0, p.batch * p.dim, grain_size(p.length, p.d_state), [&](int64_t begin, int64_t end) {
+    Workspace<T> w(p);
+    for (int64_t i = begin; i < end; ++i) forward_channel(p, i / p.dim, i % p.dim, w);
+  });
+}
+
+template <typename T>
+void selective_scan_backward_cpu(const ScanArgs<T>& p, const int64_t n_tasks) {
+  // Task k owns channels [k·total/n_tasks, (k+1)·total/n_tasks) and adds into slice k of each shared
+  // gradient buffer (p.grad_A etc. hold n_tasks copies, summed by the caller): no atomics, no races, and the
+  // same sum order on every run.
+  const int64_t total = p.batch * p.dim, A_size = p.dim * p.d_state;
+  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+    Workspace<T> w(p);
+    std::vector<T> h(p.d_state);
+    for (int64_t k = begin; k < end; ++k) {
+      const SharedGrads<T> g{p.grad_A + k * A_size, p.grad_B + k * p.B_view.numel, p.grad_C + k * p.C_view.numel,
+                             p.grad_D ? p.grad_D + k * p.dim : nullptr,
+                             p.grad_delta_bias ? p.grad_delta_bias + k * p.dim : nullptr};
+      for (int64_t i = k * total / n_tasks; i < (k + 1) * total / n_tasks; ++i)
+        backward_channel(p, g, i / p.dim, i % p.dim, w, h.data());
+    }
+  });
+}
+
+template void selective_scan_forward_cpu<float>(const ScanArgs<float>&);
+template void selective_scan_forward_cpu<double>(const ScanArgs<double>&);
+template void selective_scan_backward_cpu<float>(const ScanArgs<float>&, int64_t);
+template void selective_scan_backward_cpu<double>(const ScanArgs<double>&, int64_t);
+
+}  // namespace minijamba
