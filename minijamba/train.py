@@ -53,12 +53,13 @@ from .download import DEFAULT_DIR, check_downloaded
 from .jamba import JambaConfig, JambaLM, JambaOutput, count_parameters
 from .mamba import MambaConfig, MambaLM
 from .s6 import SelectiveSSM
+from .scan import FUSED_IMPLS
 from .tasks import param_groups
 
 __all__ = ["TrainConfig", "PRESETS", "MODELS", "TrainingDiverged", "build_model", "train", "load_run", "main"]
 
 MODELS = ("jamba", "mamba", "transformer")
-SCAN_IMPLS = ("auto", "sequential", "chunked")  # "parallel" is O(L log L) memory: not for training
+SCAN_IMPLS = ("auto", "sequential", "chunked", *FUSED_IMPLS)  # "parallel" is O(L log L) memory: not for training
 TOKENIZER_CHARS = 50_000_000  # --data full: the BPE learns its merges from this much of the training text
 
 # Each preset: training settings shared by the models, then per model its shape and its own best learning rate.
@@ -116,7 +117,7 @@ class TrainConfig:
     final_eval_windows: int = 512  # a larger sample for the number a run reports, once at the end (the first ones)
     log_every: int = 10  # steps between training-loss rows in log.jsonl
     seed: int = 0
-    scan_impl: str = "auto"  # the Mamba layers' scan: auto (the fastest there is) | sequential | chunked (scan.py)
+    scan_impl: str = "auto"  # the Mamba layers' scan (scan.py): auto = the fused kernel when it builds, else chunked
     device: str = "auto"  # auto: cuda if available
     compile: bool = False  # torch.compile the model
     threads: int | None = None  # torch CPU threads (None: torch's default)
