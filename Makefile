@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-$(shell cat pyproject.toml requirements.txt | sha256sum
 export MPLBACKEND := Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format lessons figures train sample bench cuda-check clean
+.PHONY: help setup test lint format lessons figures train sample data-full bench cuda-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -38,11 +38,14 @@ lessons: setup ## execute every lesson notebook, refreshing figures/
 
 figures: lessons bench ## regenerate every figure: the lessons' and the benchmarks'
 
-train: setup ## train a small Jamba on TinyStories and print stories
-	@echo "make train: coming in a later issue (training on TinyStories)"; exit 1
+train: setup ## train a small Jamba on the bundled TinyStories (~20 min on 2 CPU cores), print stories
+	$(PY) -m minijamba.train --model jamba --preset cpu20 --out_dir runs/jamba
 
-sample: setup ## sample stories from the checkpoint `make train` wrote
-	@echo "make sample: coming in a later issue (sampling CLI)"; exit 1
+sample: setup ## sample stories from the checkpoint `make train` wrote (runs/jamba)
+	$(PY) -m minijamba.sample --ckpt runs/jamba
+
+data-full: setup ## download the full TinyStories (~2 GB; needs a network) for `train --data full`
+	$(PY) -m minijamba.download
 
 bench: setup ## run the benchmarks, print their tables, write figures/bench_*.png (minutes)
 	$(PY) -m minijamba.bench scan

@@ -53,6 +53,7 @@ __all__ = [
     "associative_recall",
     "TaskModel",
     "answer_accuracy",
+    "param_groups",
     "train_task",
     "SelectiveCopyingConfig",
     "selective_copying_experiment",
@@ -226,7 +227,7 @@ def answer_accuracy(model, inputs, targets):
     return (predictions[mask] == targets[mask]).float().mean().item()
 
 
-def _param_groups(model, weight_decay):
+def param_groups(model, weight_decay):
     """AdamW groups: matrices decay; vectors (biases, norms, D) and flagged parameters (A_log) do not."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -250,7 +251,7 @@ def train_task(model, make_batch, steps, lr=3e-3, weight_decay=0.1, warmup=100, 
     evals = [make_batch(torch.Generator().manual_seed(seed + 1 + i)) for i in range(eval_batches)]
     eval_inputs, eval_targets = (torch.cat(t) for t in zip(*evals, strict=True))
     train_rng = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
 
     def lr_factor(s):  # s = optimizer steps taken so far
         return min(1.0, (s + 1) / warmup if warmup else 1.0) * 0.5 * (1 + math.cos(math.pi * s / steps))

@@ -1,0 +1,95 @@
+"""The TinyStories pipeline: bundled text, tokenizer round trip, exact byte counts, deterministic batches, bits/byte."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minijamba import data
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return data.split_stories(data.read_text("valid"))[:300]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stories):
+    return data.train_tokenizer(stories, 512)
+
+
+def test_bundled_text_is_the_documented_cut():
+    train, valid = (data.split_stories(data.read_text(split)) for split in data.SPLITS)
+    assert (len(train), len(valid)) == (10_345, 5_200)  # the counts the bundled README states
+    assert not set(train) & set(valid)  # no training story in the validation text
+
+
+def test_bad_split_and_missing_data_dir_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="split"):
+        data.read_text("test")
+    with pytest.raises(FileNotFoundError, match="data_dir.*train.txt"):
+        data.read_text("train", data_dir=tmp_path)
+
+
+def test_tokenizer_vocab_and_bad_size(tokenizer):
+    assert tokenizer.get_vocab_size() == 512
+    assert tokenizer.token_to_id(data.EOT) is not None
+    with pytest.raises(ValueError, match="vocab_size"):
+        data.train_tokenizer(["a b"], 100)
+
+
+@given(text=st.text(max_size=60))
+def test_tokenizer_round_trip_and_byte_counts(tokenizer, text):
+    """Any text (any Unicode, whitespace kept) decodes back exactly, and token_bytes counts its UTF-8 bytes."""
+    ids = tokenizer.encode(text).ids
+    assert tokenizer.decode(ids) == text
+    assert int(data.token_bytes(tokenizer)[ids].sum()) == len(text.encode("utf-8"))
+
+
+def test_save_and_load_tokenizer(tokenizer, stories, tmp_path):
+    data.save_tokenizer(tokenizer, tmp_path)
+    loaded = data.load_tokenizer(tmp_path)
+    assert loaded.encode(stories[0]).ids == tokenizer.encode(stories[0]).ids
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        data.load_tokenizer(tmp_path / "nowhere")
+
+
+def test_stream_is_stories_then_eot_and_bytes_add_up(tokenizer, stories):
+    stream = data.encode_stories(tokenizer, stories[:20])
+    eot = tokenizer.token_to_id(data.EOT)
+    assert int((stream == eot).sum()) == 20 and int(stream[-1]) == eot
+    text_bytes = sum(len(s.encode("utf-8")) + 1 for s in stories[:20])  # + 1: EOT counts as one byte
+    assert int(data.token_bytes(tokenizer)[torch.from_numpy(stream).long()].sum()) == text_bytes
+
+
+def test_batches_are_deterministic_under_a_seed(tokenizer, stories):
+    stream = data.encode_stories(tokenizer, stories)
+    a = data.get_batch(stream, 4, 16, torch.Generator().manual_seed(0))
+    b = data.get_batch(stream, 4, 16, torch.Generator().manual_seed(0))
+    c = data.get_batch(stream, 4, 16, torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], c[0])
+    inputs, targets = a
+    assert inputs.shape == targets.shape == (4, 16) and inputs.dtype == torch.int64
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets are the inputs shifted by one
+    with pytest.raises(ValueError, match="shorter than context"):
+        data.get_batch(stream[:10], 4, 16, torch.Generator())
+
+
+def test_eval_windows_tile_the_stream():
+    stream = np.arange(50, dtype=np.int32)
+    inputs, targets = data.eval_windows(stream, 100, 8)  # only 6 windows fit
+    assert inputs.shape == (6, 8)
+    assert torch.equal(inputs.flatten(), torch.arange(48)) and torch.equal(targets.flatten(), torch.arange(1, 49))
+
+
+def test_bits_per_byte_hand_case():
+    """Uniform guessing among 256 values of one byte each: ln 256 nats per token = exactly 8 bits per byte."""
+    assert data.bits_per_byte(10 * math.log(256), 10) == pytest.approx(8.0, rel=1e-15)
+    # 4 tokens of 2 bytes each at 1 nat each: 4 nats / ln 2 / 8 bytes = 0.7213... bits per byte
+    assert data.bits_per_byte(4.0, 8) == pytest.approx(0.5 / math.log(2), rel=1e-15)
+    with pytest.raises(ValueError, match="total_bytes"):
+        data.bits_per_byte(1.0, 0)

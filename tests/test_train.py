@@ -1,0 +1,151 @@
+"""train.py and sample.py on tiny models: the loss falls, resume is bit-identical, divergence stops cleanly,
+bad configs fail before any work, sampling is reproducible under --seed."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from minijamba import sample
+from minijamba import train as train_module
+from minijamba.train import TrainConfig, TrainingDiverged, load_run, train
+
+
+def tiny(tmp_path, model="jamba", **overrides):
+    return TrainConfig.from_preset(model, "tiny", out_dir=str(tmp_path), threads=1, n_samples=2, **overrides)
+
+
+def log_rows(out_dir, key="loss"):
+    rows = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny Jamba trained for 20 steps: its folder and train()'s result."""
+    out_dir = tmp_path_factory.mktemp("tiny_jamba")
+    return out_dir, train(tiny(out_dir, log_every=1))
+
+
+def test_training_lowers_the_loss_and_writes_a_checkpoint(tiny_run):
+    out_dir, result = tiny_run
+    losses = [loss for _, loss in log_rows(out_dir)]
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses  # from ln(300) = 5.7 nats down
+    assert (out_dir / "latest").read_text().strip() == "ckpt-0000020"
+    ckpt = out_dir / "ckpt-0000020"
+    assert {p.name for p in ckpt.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "train_config.json",
+        "train_state.pt",
+    }
+    assert not list(out_dir.glob("ckpt-0000010"))  # older checkpoints are removed once the new one is in place
+    val = log_rows(out_dir, "val_bpb")
+    assert [s for s, _ in val] == [10, 20] and val[-1][1] == pytest.approx(result["val_bpb"])
+    final = log_rows(out_dir, "final_val_bpb")  # the reported number: twice the windows, once at the end
+    assert final == [(20, pytest.approx(result["final_val_bpb"]))] and result["final_eval_tokens"] == 16 * 32
+    assert len(result["stories"]) == 2 and all(s.startswith("Once upon a time") for s in result["stories"])
+
+
+@pytest.mark.parametrize("model", ["mamba", "transformer"])
+def test_the_baselines_train(tmp_path, model):
+    result = train(tiny(tmp_path, model, max_steps=4, eval_every=4))
+    assert math.isfinite(result["val_loss"]) and result["step"] == 4
+    loaded, _, cfg = load_run(tmp_path)
+    assert cfg.model == model and type(loaded).__name__ == ("MambaLM" if model == "mamba" else "JambaLM")
+
+
+def test_no_weight_decay_on_ssm_parameters_norms_and_biases():
+    model = train_module.build_model(train_module.model_config(TrainConfig.from_preset("jamba", "tiny")))
+    decay, no_decay = train_module.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)].split(".")[-1] for p in no_decay["params"]}
+    assert {"A_log", "D", "weight", "bias"} <= undecayed  # norms' weights, conv/dt biases
+    assert all(p.ndim >= 2 and not names[id(p)].endswith("A_log") for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+def test_resume_is_bit_identical(tmp_path, monkeypatch):
+    """A run that crashes after its step-3 checkpoint, resumed, logs exactly the losses of an uninterrupted run."""
+    settings = dict(max_steps=6, eval_every=3, log_every=1)
+    train(tiny(tmp_path / "straight", **settings))
+
+    calls = {"n": 0}
+    real = train_module.compute_loss
+
+    def crash_at_step_5(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # a kill between checkpoints: step 4's work is lost, step 3's checkpoint is not
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "compute_loss", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path / "resumed", **settings))
+    monkeypatch.setattr(train_module, "compute_loss", real)
+    assert (tmp_path / "resumed" / "latest").read_text().strip() == "ckpt-0000003"
+    train(tiny(tmp_path / "resumed", resume=True, **settings))
+
+    straight, resumed = log_rows(tmp_path / "straight"), log_rows(tmp_path / "resumed")
+    assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
+    assert resumed == straight  # floats compared exactly: bit-identical
+    assert log_rows(tmp_path / "resumed", "val_loss") == log_rows(tmp_path / "straight", "val_loss")
+
+
+def test_a_non_finite_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def nan_at_step_5(*args):
+        calls["n"] += 1
+        loss, ce = real(*args)
+        return (loss * math.nan, ce * math.nan) if calls["n"] == 5 else (loss, ce)
+
+    monkeypatch.setattr(train_module, "compute_loss", nan_at_step_5)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*ckpt-0000003, is kept"):
+        train(tiny(tmp_path, max_steps=10, eval_every=3))
+    model, _, _ = load_run(tmp_path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert json.loads((tmp_path / "ckpt-0000003" / "train_config.json").read_text())["max_steps"] == 10
+
+
+def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, capsys):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("data was read before the config was checked")
+
+    monkeypatch.setattr(train_module.data, "read_text", no_reading)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        TrainConfig.from_preset("jamba", "huge")
+    with pytest.raises(ValueError, match="model must be one of"):
+        TrainConfig.from_preset("rwkv", "tiny")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        tiny(tmp_path, batch_size=0)
+    bad_shape = {**train_module.PRESETS["tiny"]["jamba"], "shape": {"hidden_size": 30, "num_attention_heads": 4}}
+    monkeypatch.setitem(train_module.PRESETS["tiny"], "jamba", bad_shape)
+    with pytest.raises(ValueError, match="hidden_size 30 must be divisible by num_attention_heads 4"):
+        train(tiny(tmp_path))
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint folder"):
+        train(tiny(tmp_path / "empty", resume=True))
+    assert train_module.main(["--preset", "huge"]) == 1
+    assert "preset must be one of" in capsys.readouterr().err
+
+
+def test_missing_full_data_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make data-full"):
+        train(tiny(tmp_path / "run", data="full", data_dir=str(tmp_path / "nothing")))
+
+
+def test_sample_cli_writes_stories_and_respects_the_seed(tiny_run, capsys):
+    out_dir, _ = tiny_run
+
+    def run(*extra):
+        assert sample.main(["--ckpt", str(out_dir), "--n", "2", "--max-new-tokens", "20", *extra]) == 0
+        return capsys.readouterr().out
+
+    first, again, other = run("--seed", "1"), run("--seed", "1"), run("--seed", "2")
+    assert first == again and first != other.replace("seed 2", "seed 1")
+    assert first.count("--- story") == 2 and "Once upon a time" in first
+    assert sample.main(["--ckpt", str(out_dir / "nowhere")]) == 1
