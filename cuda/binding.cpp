@@ -14,7 +14,7 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu_exp.h"
+#include "cpu_math.h"
 #include "selective_scan.h"
 
 #ifdef MINIJAMBA_WITH_CUDA
@@ -207,14 +207,16 @@ std::vector<OptionalTensor> backward(const Tensor& u, const Tensor& delta, const
   return grads;
 }
 
-// cpu_exp.h's exp on a float32 CPU tensor, so the tests can measure its error against float64.
-Tensor exp_float32(const Tensor& x) {
+// cpu_math.h's exp or log1p ("exp" or "log1p") on a float32 CPU tensor, so the tests can measure its error.
+Tensor cpu_math_float32(const Tensor& x, const std::string& function) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu() && x.is_contiguous(),
               "x must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(function == "exp" || function == "log1p", "function must be 'exp' or 'log1p', got '", function, "'");
+  float (*f)(float) = function == "exp" ? exp_float : log1p_float;
   Tensor out = at::empty_like(x);
   const float* in = x.data_ptr<float>();
   float* result = out.data_ptr<float>();
-  for (int64_t i = 0; i < x.numel(); ++i) result[i] = exp_float(in[i]);
+  for (int64_t i = 0; i < x.numel(); ++i) result[i] = f(in[i]);
   return out;
 }
 
@@ -230,5 +232,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("delta_bias"), py::arg("initial_state"), py::arg("delta_softplus"), py::arg("chunk_states"),
         py::arg("grad_y"), py::arg("grad_last_state"));
-  m.def("exp_float32", &minijamba::exp_float32, "cpu_exp.h's exp, elementwise (for its accuracy test)", py::arg("x"));
+  m.def("cpu_math_float32", &minijamba::cpu_math_float32, "cpu_math.h's exp or log1p, elementwise (for their tests)",
+        py::arg("x"), py::arg("function"));
 }

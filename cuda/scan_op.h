@@ -22,14 +22,21 @@
 #define MJ_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define MJ_HOST_DEVICE inline
+#include "cpu_math.h"
 #endif
 
 namespace minijamba {
 
-// exp and log1p by overload, so a template reads one name for float and double on host and device alike.
+// exp and log1p by overload, so a template reads one name for float and double on host and device alike. The
+// float32 CPU twin takes cpu_math.h's, which vectorize (libm's are calls); float64 keeps libm's everywhere.
+#ifdef __CUDACC__
 MJ_HOST_DEVICE float exp_(float x) { return expf(x); }
-MJ_HOST_DEVICE double exp_(double x) { return exp(x); }
 MJ_HOST_DEVICE float log1p_(float x) { return log1pf(x); }
+#else
+inline float exp_(float x) { return exp_float(x); }
+inline float log1p_(float x) { return log1p_float(x); }
+#endif
+MJ_HOST_DEVICE double exp_(double x) { return exp(x); }
 MJ_HOST_DEVICE double log1p_(double x) { return log1p(x); }
 
 // One step x -> a·x + b of the recurrence, or the composition of several.
@@ -49,18 +56,24 @@ MJ_HOST_DEVICE Step<T> combine(Step<T> first, Step<T> second) {
   return {first.a * second.a, second.a * first.b + second.b};
 }
 
-// log(1 + e^s) without overflow, exact at every s (the official kernel returns s itself above 20; we do not).
+// e^-|s|: in (0, 1], so softplus and sigmoid never overflow. Selects, not branches: a loop of them vectorizes.
 template <typename T>
-MJ_HOST_DEVICE T softplus(T s) {
-  return s > T(0) ? s + log1p_(exp_(-s)) : log1p_(exp_(s));
+MJ_HOST_DEVICE T exp_minus_abs(T s) {
+  return exp_(s > T(0) ? -s : s);
 }
 
-// 1 / (1 + e^-s), without overflow on either side. It is also softplus'(s).
+// log(1 + e^s) = max(s, 0) + log(1 + e^-|s|), exact at every s (the official kernel returns s itself above 20;
+// we do not). A NaN s gives NaN.
+template <typename T>
+MJ_HOST_DEVICE T softplus(T s) {
+  return (s > T(0) ? s : T(0)) + log1p_(exp_minus_abs(s));
+}
+
+// 1 / (1 + e^-s) = (1 or e^-|s|) / (1 + e^-|s|), without overflow on either side. It is also softplus'(s).
 template <typename T>
 MJ_HOST_DEVICE T sigmoid(T s) {
-  if (s >= T(0)) return T(1) / (T(1) + exp_(-s));
-  const T e = exp_(s);
-  return e / (T(1) + e);
+  const T e = exp_minus_abs(s);
+  return (s >= T(0) ? T(1) : e) / (T(1) + e);
 }
 
 template <typename T>

@@ -6,7 +6,7 @@
 // block of threads to spend on a parallel scan, so each task runs the recurrence in order (work L · N, the
 // least there is), a chunk of `chunk` = 64 steps at a time:
 //   1. the chunk's step sizes dt_k and drives b_k[n] = dt_k · B_k[n] · u_k,
-//   2. its decays a_k[n] = e^(dt_k · A[n]), in one vectorized loop (cpu_exp.h): almost all of the arithmetic,
+//   2. its decays a_k[n] = e^(dt_k · A[n]), in one vectorized loop (cpu_math.h): almost all of the arithmetic,
 //   3. the states x_k[n] = a_k[n] · x_{k-1}[n] + b_k[n], vectorized over n,
 //   4. the readout y_k = Σ_n C_k[n] · x_k[n] + D · u_k, then the gate silu(z_k).
 // The chunk's states live in a (chunk + 1) × N tile (4 KB at N = 16) that stays in L1: the state of the whole
@@ -16,14 +16,18 @@
 // (O(L / chunk · N) per channel), and the backward walks the chunks from last to first, recomputes one chunk's
 // tile from its saved start (steps 1-3 again), and runs the reverse recurrence of the gradient through it,
 //     gx_k = gp_k · C_k + h_{k+1},   h_k = a_k · gx_k        (h_k: gradient with respect to the state x_{k-1}),
-// where gp_k is the gradient of the pre-gate output. The maths of a step is in scan_op.h, shared with CUDA.
+// where gp_k is the gradient of the pre-gate output, into a second tile; every other gradient is then a product
+// or a sum over n of tiles, each a loop that vectorizes. Sums keep the reference's order: over n from 0, over t
+// from the last step. The maths of a step is in scan_op.h, shared with CUDA.
+//
+// Every loop is plain arithmetic on arrays: the float32 path is compiled for AVX2 and for any x86-64 and picked
+// at load time (MJ_VECTORIZE, cpu_math.h), so that the compiler vectorizes it at the width the CPU has.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "cpu_exp.h"
 #include "selective_scan.h"
 
 namespace minijamba {
@@ -36,15 +40,11 @@ int64_t grain_size(const int64_t length, const int64_t d_state) {
   return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, length * d_state));
 }
 
-// float: the vectorizable exp of cpu_exp.h; float64 keeps libm's, as it is there for the tests, not for speed.
-inline float exp_of(const float x) { return exp_float(x); }
-inline double exp_of(const double x) { return std::exp(x); }
-
 // Step 2: decays[k·N + n] = e^(dt[k] · A[n]) for k < steps.
 template <typename T>
 inline void decays_of(const T* dt, const T* A, T* __restrict decays, const int64_t steps, const int64_t N) {
   for (int64_t k = 0; k < steps; ++k)
-    for (int64_t n = 0; n < N; ++n) decays[k * N + n] = exp_of(dt[k] * A[n]);
+    for (int64_t n = 0; n < N; ++n) decays[k * N + n] = exp_(dt[k] * A[n]);
 }
 
 // Step 3: states[(k+1)·N + n] = decays[k·N + n] · states[k·N + n] + drives[k·N + n]; states[0..N) is the start.
@@ -55,26 +55,6 @@ inline void run_steps(const T* decays, const T* drives, T* states, const int64_t
     T* __restrict after = states + (k + 1) * N;
     for (int64_t n = 0; n < N; ++n) after[n] = decays[k * N + n] * before[n] + drives[k * N + n];
   }
-}
-
-// The float versions are compiled twice, for AVX2 and for any x86-64, and picked at load time (cpu_exp.h).
-MJ_VECTORIZE void decays_f32(const float* dt, const float* A, float* decays, int64_t steps, int64_t N) {
-  decays_of(dt, A, decays, steps, N);
-}
-MJ_VECTORIZE void run_steps_f32(const float* decays, const float* drives, float* states, int64_t steps, int64_t N) {
-  run_steps(decays, drives, states, steps, N);
-}
-void decays_vec(const float* dt, const float* A, float* decays, int64_t steps, int64_t N) {
-  decays_f32(dt, A, decays, steps, N);
-}
-void decays_vec(const double* dt, const double* A, double* decays, int64_t steps, int64_t N) {
-  decays_of(dt, A, decays, steps, N);
-}
-void run_steps_vec(const float* decays, const float* drives, float* states, int64_t steps, int64_t N) {
-  run_steps_f32(decays, drives, states, steps, N);
-}
-void run_steps_vec(const double* decays, const double* drives, double* states, int64_t steps, int64_t N) {
-  run_steps(decays, drives, states, steps, N);
 }
 
 // One (batch, channel) pair: its rows of u, delta, z, its A, B, C, D and delta_bias, so the loops read like maths.
@@ -103,27 +83,36 @@ struct Channel {
 };
 
 // One task's scratch for a chunk of steps t0 + k, k < chunk: dt[k], dt_u[k] = dt[k]·u, decays and drives
-// [k·N + n], the states tile [k·N + n] (the state before step k, k = 0..chunk) and the readout pre[k].
+// [k·N + n], the states tile [k·N + n] (the state before step k, k = 0..chunk) and the readout pre[k]; for the
+// backward, the tile grad_x [k·N + n] and, per step, the gradients of the pre-gate output, of dt and of dt·u.
 template <typename T>
 struct Workspace {
-  std::vector<T> dt, dt_u, decays, drives, states, pre;
+  std::vector<T> dt, dt_u, decays, drives, states, pre, grad_x, grad_pre, grad_dt, grad_dt_u;
   explicit Workspace(const ScanArgs<T>& p)
       : dt(p.chunk),
         dt_u(p.chunk),
         decays(p.chunk * p.d_state),
         drives(p.chunk * p.d_state),
         states((p.chunk + 1) * p.d_state),
-        pre(p.chunk) {}
+        pre(p.chunk),
+        grad_x(p.chunk * p.d_state),
+        grad_pre(p.chunk),
+        grad_dt(p.chunk),
+        grad_dt_u(p.chunk) {}
 };
 
 // Steps 1-3 for steps t0..t1-1 of a channel; w.states[0..N) must hold the state before t0.
 template <typename T>
 void run_chunk(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, const int64_t t1, Workspace<T>& w) {
   const int64_t N = p.d_state, steps = t1 - t0;
-  for (int64_t k = 0; k < steps; ++k) {
-    w.dt[k] = step_size(ch.delta[t0 + k], ch.bias, p.delta_softplus);
-    w.dt_u[k] = w.dt[k] * ch.u[t0 + k];
+  const T *__restrict delta = ch.delta + t0, *__restrict u = ch.u + t0, bias = ch.bias;
+  T *__restrict dt = w.dt.data(), *__restrict dt_u = w.dt_u.data();
+  if (p.delta_softplus) {  // two loops, so that neither has a branch and both vectorize
+    for (int64_t k = 0; k < steps; ++k) dt[k] = step_size(delta[k], bias, true);
+  } else {
+    for (int64_t k = 0; k < steps; ++k) dt[k] = step_size(delta[k], bias, false);
   }
+  for (int64_t k = 0; k < steps; ++k) dt_u[k] = dt[k] * u[k];
   for (int64_t n = 0; n < N; ++n) {  // B along t: contiguous (selective) or one value (time-invariant)
     const T* B_n = ch.B + n * ch.Bn + t0 * ch.Bt;
     if (ch.Bt == 1) {
@@ -132,8 +121,8 @@ void run_chunk(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, con
       for (int64_t k = 0; k < steps; ++k) w.drives[k * N + n] = w.dt_u[k] * B_n[0];
     }
   }
-  decays_vec(w.dt.data(), ch.A, w.decays.data(), steps, N);
-  run_steps_vec(w.decays.data(), w.drives.data(), w.states.data(), steps, N);
+  decays_of(w.dt.data(), ch.A, w.decays.data(), steps, N);
+  run_steps(w.decays.data(), w.drives.data(), w.states.data(), steps, N);
 }
 
 // Step 4 without the gate: pre[k] = D·u + Σ_n C[n]·x_k[n], summed over n in order (vectorized over k).
@@ -151,6 +140,16 @@ void readout(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, const
   }
 }
 
+// Step 4's gate: y[k] = pre[k] · silu(z[k]), or pre[k] without z.
+template <typename T>
+void gate(const T* __restrict z, const T* __restrict pre, T* __restrict y, const int64_t steps) {
+  if (z) {
+    for (int64_t k = 0; k < steps; ++k) y[k] = pre[k] * silu(z[k]);
+  } else {
+    std::copy_n(pre, steps, y);
+  }
+}
+
 template <typename T>
 void forward_channel(const ScanArgs<T>& p, const int64_t b, const int64_t d, Workspace<T>& w) {
   const Channel<T> ch(p, b, d);
@@ -162,7 +161,7 @@ void forward_channel(const ScanArgs<T>& p, const int64_t b, const int64_t d, Wor
     if (p.chunk_states) std::copy(x, x + N, p.chunk_states + ch.state * p.n_chunks + c * N);
     run_chunk(p, ch, t0, t1, w);
     readout(p, ch, t0, t1, w);
-    for (int64_t t = t0; t < t1; ++t) p.y[ch.row + t] = ch.z ? w.pre[t - t0] * silu(ch.z[t]) : w.pre[t - t0];
+    gate(ch.z ? ch.z + t0 : nullptr, w.pre.data(), p.y + ch.row + t0, t1 - t0);
     std::copy_n(x + (t1 - t0) * N, N, x);  // the chunk's last state starts the next chunk
   }
   std::copy(x, x + N, p.last_state + ch.state);
@@ -176,52 +175,118 @@ struct SharedGrads {
 
 template <typename T>
 void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64_t b, const int64_t d,
-                      Workspace<T>& w, T* h) {
+                      Workspace<T>& w, T* __restrict h) {
   const Channel<T> ch(p, b, d);
   const int64_t N = p.d_state;
   T *grad_B = g.B + p.B_view.offset(b, d), *grad_C = g.C + p.C_view.offset(b, d), *grad_A = g.A + d * N;
-  const T* grad_y = p.grad_y + ch.row;
   // h[n]: the gradient with respect to the state before the step being undone; at first, after the last one.
   for (int64_t n = 0; n < N; ++n) h[n] = p.grad_last_state ? p.grad_last_state[ch.state + n] : T(0);
   T grad_D = 0, grad_bias = 0;
+  T *__restrict gx = w.grad_x.data(), *__restrict gp = w.grad_pre.data();
+  T *__restrict gdt = w.grad_dt.data(), *__restrict gdt_u = w.grad_dt_u.data();
 
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
-    const int64_t t0 = c * p.chunk, t1 = std::min(p.length, t0 + p.chunk);
+    const int64_t t0 = c * p.chunk, t1 = std::min(p.length, t0 + p.chunk), steps = t1 - t0;
+    const T *__restrict grad_y = p.grad_y + ch.row + t0, *__restrict u = ch.u + t0;
+    const T *__restrict x_before = w.states.data(), *__restrict a = w.decays.data();
     std::copy_n(p.chunk_states + ch.state * p.n_chunks + c * N, N, w.states.data());
     run_chunk(p, ch, t0, t1, w);  // recompute the chunk's states from the one the forward saved at its start
-    if (ch.z) readout(p, ch, t0, t1, w);
-    for (int64_t t = t1 - 1; t >= t0; --t) {  // undo the steps in reverse order
-      const int64_t k = t - t0;
-      const T *x_before = w.states.data() + k * N, *x_after = x_before + N, *a = w.decays.data() + k * N;
-      const T dt = w.dt[k], dt_u = w.dt_u[k];
-      T grad_pre = grad_y[t];  // gradient of y before the gate: C·x + D·u
-      if (ch.z) {
-        p.grad_z[ch.row + t] = grad_y[t] * w.pre[k] * silu_grad(ch.z[t]);
-        grad_pre = grad_y[t] * silu(ch.z[t]);
+    if (ch.z) {  // gp: gradient of the pre-gate output C·x + D·u; and the gate's own gradient
+      readout(p, ch, t0, t1, w);
+      const T *__restrict z = ch.z + t0, *__restrict pre = w.pre.data();
+      T* __restrict grad_z = p.grad_z + ch.row + t0;
+      for (int64_t k = 0; k < steps; ++k) {
+        grad_z[k] = grad_y[k] * pre[k] * silu_grad(z[k]);
+        gp[k] = grad_y[k] * silu(z[k]);
       }
-      grad_D += grad_pre * ch.u[t];
-      T grad_dt = 0, grad_dt_u = 0;
+    } else {
+      std::copy_n(grad_y, steps, gp);
+    }
+
+    // The reverse recurrence gx_k = gp_k·C_k + h, h = a_k·gx_k, from the chunk's last step to its first.
+    for (int64_t n = 0; n < N; ++n) {
+      const T* C_n = ch.C + n * ch.Cn + t0 * ch.Ct;
+      for (int64_t k = 0; k < steps; ++k) gx[k * N + n] = gp[k] * C_n[k * ch.Ct];
+    }
+    for (int64_t k = steps - 1; k >= 0; --k) {
+      T* __restrict gx_k = gx + k * N;
+      const T* __restrict a_k = a + k * N;
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t B_nt = n * ch.Bn + t * ch.Bt, C_nt = n * ch.Cn + t * ch.Ct;
-        const T grad_x = grad_pre * ch.C[C_nt] + h[n];  // gradient with respect to x_t
-        grad_C[C_nt] += grad_pre * x_after[n];
-        grad_B[B_nt] += grad_x * dt_u;
-        grad_dt_u += grad_x * ch.B[B_nt];
-        const T grad_exponent = grad_x * x_before[n] * a[n];  // with respect to dt·A
-        grad_A[n] += grad_exponent * dt;
-        grad_dt += grad_exponent * ch.A[n];
-        h[n] = a[n] * grad_x;
+        gx_k[n] += h[n];
+        h[n] = a_k[n] * gx_k[n];
       }
-      grad_dt += grad_dt_u * ch.u[t];
-      const T grad_s = grad_dt * step_size_grad(ch.delta[t], ch.bias, p.delta_softplus);
-      p.grad_u[ch.row + t] = grad_pre * ch.D + grad_dt_u * dt;
-      p.grad_delta[ch.row + t] = grad_s;
-      grad_bias += grad_s;
+    }
+
+    // C and B: grad_C[n, t] += gp_t·x_t[n], grad_B[n, t] += gx_t[n]·dt_t·u_t (time-invariant: summed over t, from
+    // the last step); dt·u: gdt_u[k] = Σ_n gx_k[n]·B_k[n], summed from n = 0.
+    std::fill_n(gdt_u, steps, T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      T *grad_C_n = grad_C + n * ch.Cn + t0 * ch.Ct, *grad_B_n = grad_B + n * ch.Bn + t0 * ch.Bt;
+      const T *x_after = x_before + N + n, *gx_n = gx + n, *B_n = ch.B + n * ch.Bn + t0 * ch.Bt;
+      if (ch.Ct == 1) {
+        for (int64_t k = 0; k < steps; ++k) grad_C_n[k] += gp[k] * x_after[k * N];
+      } else {
+        for (int64_t k = steps - 1; k >= 0; --k) grad_C_n[0] += gp[k] * x_after[k * N];
+      }
+      if (ch.Bt == 1) {
+        for (int64_t k = 0; k < steps; ++k) {
+          grad_B_n[k] += gx_n[k * N] * w.dt_u[k];
+          gdt_u[k] += gx_n[k * N] * B_n[k];
+        }
+      } else {
+        for (int64_t k = steps - 1; k >= 0; --k) grad_B_n[0] += gx_n[k * N] * w.dt_u[k];
+        for (int64_t k = 0; k < steps; ++k) gdt_u[k] += gx_n[k * N] * B_n[0];
+      }
+    }
+
+    // The exponent dt·A of a = e^(dt·A): its gradient gx·x_before·a overwrites gx; then A (summed over t from
+    // the last step) and dt (summed over n from 0).
+    for (int64_t i = 0; i < steps * N; ++i) gx[i] = gx[i] * x_before[i] * a[i];
+    for (int64_t k = steps - 1; k >= 0; --k)
+      for (int64_t n = 0; n < N; ++n) grad_A[n] += gx[k * N + n] * w.dt[k];
+    std::fill_n(gdt, steps, T(0));
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < steps; ++k) gdt[k] += gx[k * N + n] * ch.A[n];
+
+    // u and delta (through dt = softplus(delta + bias)); D and delta_bias summed over t from the last step.
+    T *__restrict grad_u = p.grad_u + ch.row + t0, *__restrict grad_delta = p.grad_delta + ch.row + t0;
+    const T *__restrict delta = ch.delta + t0, *__restrict dt = w.dt.data(), D = ch.D, bias = ch.bias;
+    for (int64_t k = 0; k < steps; ++k) grad_u[k] = gp[k] * D + gdt_u[k] * dt[k];
+    for (int64_t k = 0; k < steps; ++k) grad_delta[k] = gdt[k] + gdt_u[k] * u[k];
+    if (p.delta_softplus) {
+      for (int64_t k = 0; k < steps; ++k) grad_delta[k] *= step_size_grad(delta[k], bias, true);
+    }
+    for (int64_t k = steps - 1; k >= 0; --k) {
+      grad_D += gp[k] * u[k];
+      grad_bias += grad_delta[k];
     }
   }
   if (g.D) g.D[d] += grad_D;
   if (g.delta_bias) g.delta_bias[d] += grad_bias;
   if (p.grad_initial_state) std::copy(h, h + N, p.grad_initial_state + ch.state);
+}
+
+// The float32 path, one copy per instruction set (MJ_VECTORIZE, cpu_math.h); float64 is there for the tests.
+MJ_VECTORIZE void forward_channel_f32(const ScanArgs<float>& p, int64_t b, int64_t d, Workspace<float>& w) {
+  forward_channel(p, b, d, w);
+}
+MJ_VECTORIZE void backward_channel_f32(const ScanArgs<float>& p, const SharedGrads<float>& g, int64_t b, int64_t d,
+                                       Workspace<float>& w, float* h) {
+  backward_channel(p, g, b, d, w, h);
+}
+void forward_one(const ScanArgs<float>& p, int64_t b, int64_t d, Workspace<float>& w) {
+  forward_channel_f32(p, b, d, w);
+}
+void forward_one(const ScanArgs<double>& p, int64_t b, int64_t d, Workspace<double>& w) {
+  forward_channel(p, b, d, w);
+}
+void backward_one(const ScanArgs<float>& p, const SharedGrads<float>& g, int64_t b, int64_t d, Workspace<float>& w,
+                  float* h) {
+  backward_channel_f32(p, g, b, d, w, h);
+}
+void backward_one(const ScanArgs<double>& p, const SharedGrads<double>& g, int64_t b, int64_t d,
+                  Workspace<double>& w, double* h) {
+  backward_channel(p, g, b, d, w, h);
 }
 
 }  // namespace
@@ -230,7 +295,7 @@ template <typename T>
 void selective_scan_forward_cpu(const ScanArgs<T>& p) {
   at::parallel_for(0, p.batch * p.dim, grain_size(p.length, p.d_state), [&](int64_t begin, int64_t end) {
     Workspace<T> w(p);
-    for (int64_t i = begin; i < end; ++i) forward_channel(p, i / p.dim, i % p.dim, w);
+    for (int64_t i = begin; i < end; ++i) forward_one(p, i / p.dim, i % p.dim, w);
   });
 }
 
@@ -248,7 +313,7 @@ void selective_scan_backward_cpu(const ScanArgs<T>& p, const int64_t n_tasks) {
                              p.grad_D ? p.grad_D + k * p.dim : nullptr,
                              p.grad_delta_bias ? p.grad_delta_bias + k * p.dim : nullptr};
       for (int64_t i = k * total / n_tasks; i < (k + 1) * total / n_tasks; ++i)
-        backward_channel(p, g, i / p.dim, i % p.dim, w, h.data());
+        backward_one(p, g, i / p.dim, i % p.dim, w, h.data());
     }
   });
 }

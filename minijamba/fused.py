@@ -31,9 +31,9 @@ CUDA_SOURCES = {
     "cpu": ["binding.cpp", "selective_scan_cpu.cpp"],
     "cuda": ["binding.cpp", "selective_scan_cpu.cpp", "selective_scan.cu"],
 }
-# Not -march=native (the binary must run on any x86-64 machine; cpu_exp.h dispatches to AVX2 at load time
+# Not -march=native (the binary must run on any x86-64 machine; cpu_math.h dispatches to AVX2 at load time
 # instead) and not -ffast-math (it licenses reordering sums and ignoring NaN and inf). -fno-trapping-math changes
-# no value: it only lets the compiler turn cpu_exp.h's clamps into vector selects (floating-point traps are
+# no value: it only lets the compiler turn cpu_math.h's clamps and selects into vector selects (floating-point traps are
 # masked in torch anyway), without which the exp loop does not vectorize.
 CFLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]
 # Without a GPU to ask, nvcc must be told which architectures to build: Ampere (A100) and Hopper (H100/H200).

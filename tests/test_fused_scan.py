@@ -118,10 +118,10 @@ def test_cpu_saves_no_states_without_autograd(extension):
 
 
 def test_exp_float32_is_within_one_ulp(extension):
-    """cpu_exp.h's exp (the float32 twin's) vs float64 exp rounded to float32, over the whole float range."""
+    """cpu_math.h's exp (the float32 twin's) vs float64 exp rounded to float32, over the whole float range."""
     x = torch.linspace(-110, 90, 2_000_001, dtype=torch.float32)
     x = torch.cat([x, torch.tensor([0.0, -0.0, 88.72, 88.73, -87.4, -103.9, float("inf"), -float("inf")])])
-    got = extension.exp_float32(x).numpy().astype(np.float64)
+    got = extension.cpu_math_float32(x, "exp").numpy().astype(np.float64)
     exact = np.exp(x.numpy().astype(np.float64))
     finite = exact <= np.finfo(np.float32).max  # beyond it, float32's exp is inf
     ulp = np.spacing(exact[finite].astype(np.float32)).astype(np.float64)
@@ -129,7 +129,21 @@ def test_exp_float32_is_within_one_ulp(extension):
     print(f"max error {ulps.max():.3f} ulp")
     assert ulps.max() <= 1.0
     assert np.all(np.isposinf(got[~finite]))
-    assert np.isnan(extension.exp_float32(torch.tensor([float("nan")])).item())
+    assert np.isnan(extension.cpu_math_float32(torch.tensor([float("nan")]), "exp").item())
+
+
+def test_log1p_float32_is_within_one_ulp(extension):
+    """cpu_math.h's log1p (the float32 twin's softplus) vs float64 log1p, from -1 to the largest float."""
+    y = np.concatenate([np.linspace(-1, 1, 2_000_001), np.logspace(-45, 38.5, 500_001), -np.logspace(-45, -1e-7, 500_001)])
+    y = torch.from_numpy(y.astype(np.float32))
+    y = torch.cat([y[y > -1], torch.tensor([0.0, 1e-30, 3.4e38])])
+    got = extension.cpu_math_float32(y, "log1p").numpy().astype(np.float64)
+    exact = np.log1p(y.numpy().astype(np.float64))
+    ulps = np.abs(got - exact) / np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    print(f"max error {ulps.max():.3f} ulp")
+    assert ulps.max() <= 1.0
+    specials = extension.cpu_math_float32(torch.tensor([-1.0, float("inf"), -1.5, float("nan")]), "log1p")
+    assert specials[0] == -float("inf") and specials[1] == float("inf") and specials[2:].isnan().all()
 
 
 def test_auto_uses_the_cpu_twin(extension):
