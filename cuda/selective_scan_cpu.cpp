@@ -17,8 +17,8 @@
 // tile from its saved start (steps 1-3 again), and runs the reverse recurrence of the gradient through it,
 //     gx_k = gp_k · C_k + h_{k+1},   h_k = a_k · gx_k        (h_k: gradient with respect to the state x_{k-1}),
 // where gp_k is the gradient of the pre-gate output, into a second tile; every other gradient is then a product
-// or a sum over n of tiles, each a loop that vectorizes. Sums keep the reference's order: over n from 0, over t
-// from the last step. The maths of a step is in scan_op.h, shared with CUDA.
+// or a sum over n of tiles, each a loop that vectorizes. Sums run in one fixed order (over n from 0, over t from
+// the last step), so a run repeats bit for bit. The maths of a step is in scan_op.h, shared with CUDA.
 //
 // Every loop is plain arithmetic on arrays: the float32 path is compiled for AVX2 and for any x86-64 and picked
 // at load time (MJ_VECTORIZE, cpu_math.h), so that the compiler vectorizes it at the width the CPU has.
@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "selective_scan.h"
@@ -274,20 +275,6 @@ MJ_VECTORIZE void backward_channel_f32(const ScanArgs<float>& p, const SharedGra
                                        Workspace<float>& w, float* h) {
   backward_channel(p, g, b, d, w, h);
 }
-void forward_one(const ScanArgs<float>& p, int64_t b, int64_t d, Workspace<float>& w) {
-  forward_channel_f32(p, b, d, w);
-}
-void forward_one(const ScanArgs<double>& p, int64_t b, int64_t d, Workspace<double>& w) {
-  forward_channel(p, b, d, w);
-}
-void backward_one(const ScanArgs<float>& p, const SharedGrads<float>& g, int64_t b, int64_t d, Workspace<float>& w,
-                  float* h) {
-  backward_channel_f32(p, g, b, d, w, h);
-}
-void backward_one(const ScanArgs<double>& p, const SharedGrads<double>& g, int64_t b, int64_t d,
-                  Workspace<double>& w, double* h) {
-  backward_channel(p, g, b, d, w, h);
-}
 
 }  // namespace
 
@@ -295,7 +282,13 @@ template <typename T>
 void selective_scan_forward_cpu(const ScanArgs<T>& p) {
   at::parallel_for(0, p.batch * p.dim, grain_size(p.length, p.d_state), [&](int64_t begin, int64_t end) {
     Workspace<T> w(p);
-    for (int64_t i = begin; i < end; ++i) forward_one(p, i / p.dim, i % p.dim, w);
+    for (int64_t i = begin; i < end; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        forward_channel_f32(p, i / p.dim, i % p.dim, w);
+      } else {
+        forward_channel(p, i / p.dim, i % p.dim, w);
+      }
+    }
   });
 }
 
@@ -312,8 +305,13 @@ void selective_scan_backward_cpu(const ScanArgs<T>& p, const int64_t n_tasks) {
       const SharedGrads<T> g{p.grad_A + k * A_size, p.grad_B + k * p.B_view.numel, p.grad_C + k * p.C_view.numel,
                              p.grad_D ? p.grad_D + k * p.dim : nullptr,
                              p.grad_delta_bias ? p.grad_delta_bias + k * p.dim : nullptr};
-      for (int64_t i = k * total / n_tasks; i < (k + 1) * total / n_tasks; ++i)
-        backward_one(p, g, i / p.dim, i % p.dim, w, h.data());
+      for (int64_t i = k * total / n_tasks; i < (k + 1) * total / n_tasks; ++i) {
+        if constexpr (std::is_same_v<T, float>) {
+          backward_channel_f32(p, g, i / p.dim, i % p.dim, w, h.data());
+        } else {
+          backward_channel(p, g, i / p.dim, i % p.dim, w, h.data());
+        }
+      }
     }
   });
 }
