@@ -33,8 +33,8 @@ CUDA_SOURCES = {
 }
 # Not -march=native (the binary must run on any x86-64 machine; cpu_math.h dispatches to AVX2 at load time
 # instead) and not -ffast-math (it licenses reordering sums and ignoring NaN and inf). -fno-trapping-math changes
-# no value: it only lets the compiler turn cpu_math.h's clamps and selects into vector selects (floating-point traps are
-# masked in torch anyway), without which the exp loop does not vectorize.
+# no value: it only lets the compiler turn the clamps and ?: choices of cpu_math.h and scan_op.h into vector blends
+# (floating-point traps are masked in torch anyway), without which those loops do not vectorize.
 CFLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]
 # Without a GPU to ask, nvcc must be told which architectures to build: Ampere (A100) and Hopper (H100/H200).
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
