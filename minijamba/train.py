@@ -518,6 +518,7 @@ def train(cfg):
         for i, story in enumerate(result["stories"], 1):
             say(f"\n--- story {i} ---\n{story}")
     if world > 1:
+        dist.barrier()  # the other ranks wait for rank 0's stories, so that all tear the group down together
         dist.destroy_process_group()
     return result
 
