@@ -4,10 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # The stamp changes whenever pyproject.toml or requirements.txt does, so `setup` re-runs exactly then.
 STAMP  := $(VENV)/.setup-$(shell cat pyproject.toml requirements.txt | sha256sum | cut -c1-16)
-export MPLBACKEND := Agg
+# Headless targets draw with Agg; `make lab` leaves the backend to Jupyter, so figures show inline.
+HEADLESS := MPLBACKEND=Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format lessons figures train sample data-full bench cuda-check clean
+.PHONY: help setup test lint format lessons student lab figures train sample data-full bench cuda-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -29,12 +30,19 @@ format: setup ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix minijamba tests lessons
 	$(VENV)/bin/ruff format minijamba tests lessons
 
-test: lint ## lint, then every test and every lesson (nbmake); fails on any failure or on no tests
-	$(PY) -m pytest tests
-	$(PY) -m pytest --nbmake --nbmake-timeout=600 lessons
+test: lint ## lint, every test, every lesson (nbmake), then the student edition run top to bottom
+	$(HEADLESS) $(PY) -m pytest tests
+	$(HEADLESS) $(PY) -m pytest --nbmake --nbmake-timeout=600 lessons
+	$(HEADLESS) $(PY) -m minijamba.student --execute
 
-lessons: setup ## execute every lesson notebook, refreshing figures/
-	$(PY) -m pytest --nbmake --nbmake-timeout=600 lessons
+lessons: setup ## execute every lesson notebook (the teacher's edition, solutions graded), refreshing figures/
+	$(HEADLESS) $(PY) -m pytest --nbmake --nbmake-timeout=600 lessons
+
+student: setup ## write the student edition (every lesson, exercises blank, solutions removed) into student/
+	$(PY) -m minijamba.student
+
+lab: setup ## open lessons/ in JupyterLab, with this project's .venv as the kernel
+	$(VENV)/bin/jupyter lab lessons
 
 figures: lessons bench ## regenerate every figure: the lessons' and the benchmarks'
 
@@ -48,8 +56,8 @@ data-full: setup ## download the full TinyStories (~2 GB; needs a network) for `
 	$(PY) -m minijamba.download
 
 bench: setup ## run the benchmarks, print their tables, write figures/bench_*.png (minutes)
-	$(PY) -m minijamba.bench scan
-	$(PY) -m minijamba.bench decode
+	$(HEADLESS) $(PY) -m minijamba.bench scan
+	$(HEADLESS) $(PY) -m minijamba.bench decode
 
 # On a GPU machine, with a CUDA build of torch (a CPU-only torch cannot build the .cu: `make cuda-check` says so).
 cuda-check: export CUDA_HOME ?= /usr/local/cuda

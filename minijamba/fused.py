@@ -2,7 +2,7 @@
 
 Mamba §3.3.2 (hardware-aware algorithm): the scan moves O(batch · dim · L) numbers but computes O(· N) states,
 so a fast scan keeps each channel's N states on chip while the sequence streams through, and never writes the
-(batch, dim, L, N) tensor the torch scans build. The kernels (lesson 06 walks through them):
+(batch, dim, L, N) tensor the torch scans build. The kernels (lesson 07 walks through them):
     cuda/scan_op.h              the combine and the per-step maths, shared by both kernels
     cuda/selective_scan_cpu.cpp the CPU twin: one task per (batch, channel), at::parallel_for over them
     cuda/selective_scan.cu      the CUDA kernels: one thread block per (batch, channel), block-wide scans

@@ -1,4 +1,4 @@
-"""A toy routing experiment for lesson 05: does the load-balancing loss keep a small MoE from collapsing?
+"""A toy routing experiment for lesson 06: does the load-balancing loss keep a small MoE from collapsing?
 
 The task: tokens x (dim,) drawn around `clusters` centres, the target a per-cluster linear map y = M_c x, so that
 experts have something to specialise in. Every centre is shifted by one common `offset` vector, as the hidden

@@ -15,7 +15,7 @@ so it can be computed as a parallel prefix scan. The implementations:
                   chunk's (batch, dim, T, d_state) tensor exists at a time, and with autograd each chunk is
                   recomputed in the backward pass (activation checkpointing) from its carried-in state, as the
                   official CUDA kernel does with its chunk-boundary states.
-    "cpu"         the fused C++ kernel (minijamba.fused, cuda/selective_scan_cpu.cpp; lesson 06): each channel's
+    "cpu"         the fused C++ kernel (minijamba.fused, cuda/selective_scan_cpu.cpp; lesson 07): each channel's
                   states stay in registers while L streams through; backward recomputes from chunk-start states.
     "cuda"        the fused CUDA kernel (cuda/selective_scan.cu), for CUDA tensors, where it can be built.
     "auto"        the fused kernel for u's device when it builds; otherwise "chunked", with a one-time warning.

@@ -1,5 +1,5 @@
 """Synthetic tasks, class-sized: the Mamba paper's selective copying and induction heads, Zoology's multi-query
-associative recall, a tiny model, a trainer, and the experiments of lessons 02 and 04.
+associative recall, a tiny model, a trainer, and the experiments of lessons 02 and 05.
 
 Gu & Dao 2023, §3.1 (Figure 2), §4.1 and Appendix E.1. Both tasks need content-aware reasoning, which an LTI
 model (S4: the same Δ, B, C at every step) cannot do, and a selective one (S6) can:
@@ -31,7 +31,7 @@ Language Models"): key-value pairs, then queries of some keys, each to be answer
 found that this kind of recall explains most (82%) of the perplexity gap between attention and gated-convolution
 models on the Pile, and that a model with a fixed-size state needs it to grow with the number of pairs.
 `associative_recall_experiment` trains two JambaLMs (jamba.py) that differ only in their layout, all-Mamba against
-one attention layer (lesson 04).
+one attention layer (lesson 05).
 """
 
 import math
@@ -324,7 +324,7 @@ def selective_copying_experiment(config=None, seed=0, selective=(False, True), r
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The experiment of lesson 04: associative recall, all-Mamba against one attention layer
+# The experiment of lesson 05: associative recall, all-Mamba against one attention layer
 # ----------------------------------------------------------------------------------------------------------
 
 LAYOUTS = ("all-mamba", "hybrid")
@@ -354,7 +354,7 @@ class AssociativeRecallConfig:
         """The JambaConfig of one layout: "all-mamba" (no attention layer) or "hybrid" (attention in the last layer).
 
         Everything else is shared: width, depth, heads, state size. The MLPs are plain SwiGLUs (one expert), as the
-        mixture of experts (lesson 05) has nothing to do with recall.
+        mixture of experts (lesson 06) has nothing to do with recall.
         """
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -390,7 +390,7 @@ def associative_recall_experiment(config=None, seed=0, layouts=LAYOUTS, return_m
         seed 0: hybrid 99.9%, all-Mamba 15.2%     hybrid 21 s, all-Mamba 29 s
         seed 1: hybrid 100%,  all-Mamba 12.7%     hybrid 20 s, all-Mamba 35 s
         seed 2: hybrid 100%,  all-Mamba 13.8%     hybrid 18 s, all-Mamba 28 s
-    (chance 6.3%); lesson 04's run of seed 0, on the machine otherwise idle, took 15 s and 24 s. The hybrid passes
+    (chance 6.3%); lesson 05's run of seed 0, on the machine otherwise idle, took 15 s and 24 s. The hybrid passes
     90% between steps 80 and 140. The all-Mamba model is not just short of steps: with 600 steps (seed 0) it
     reached 25.0%, and with Jamba's N = 16 it scored 21.7% after 200 steps. The hybrid has the fewer parameters
     (95,948 against 107,608): an attention layer is smaller than a Mamba layer. With rope=True the hybrid scored

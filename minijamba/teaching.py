@@ -1,47 +1,58 @@
-"""Small helpers the lessons share: where figures go, and the self-check that grades an exercise.
+"""The self-check that grades a lesson's exercises, in the teacher's and in the student's edition.
 
-`cmp` follows nn-zero-to-hero's helper of the same name: it reports whether a student's answer is exact, close,
-or how far off, and then asserts it is close, so a wrong answer stops the notebook with a readable message.
+Every exercise in `lessons/` is three cells: a blank (the given data and `my_answer = ...`), a solution cell
+tagged `solution`, and a check cell that calls `cmp`. The repository's lessons are the teacher's edition: the
+solution runs, so `make test` grades every solution against the package. `make student` writes the student's
+edition (`minijamba.student`), the same notebooks without the solution cells; there `cmp` finds the blank and
+says "no answer yet", and the notebook goes on to the next exercise.
+
+`cmp` follows nn-zero-to-hero's helper of the same name: it reports whether an answer is exact, close, or how far
+off it is, and stops on a wrong answer with that distance in the message.
 """
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
-_REPO = Path(__file__).resolve().parents[1]
+__all__ = ["cmp", "is_blank"]
 
 
-def figures_dir():
-    """The repository's figures/ folder (made if missing); ./figures when the package runs outside the repo."""
-    root = _REPO if (_REPO / "lessons").is_dir() else Path.cwd()
-    path = root / "figures"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def save_figure(fig, name):
-    """Save a matplotlib figure as figures/<name>.png at a resolution that reads well in a README."""
-    path = figures_dir() / f"{name}.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+def is_blank(answer):
+    """True for an answer not written yet: `...` (the blank's placeholder) or None (a function body of `...`)."""
+    if answer is None or answer is Ellipsis:
+        return True
+    return isinstance(answer, tuple | list) and any(is_blank(a) for a in answer)
 
 
 def _as_array(x):
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        return x.detach().cpu().to(torch.float64 if x.is_floating_point() else x.dtype).numpy()
     return np.asarray(x)
 
 
 def cmp(name, answer, expected, rtol=1e-6, atol=1e-9):
-    """Grade an exercise: print 'exact', 'close' or the max difference, then assert the answer is close."""
-    if answer is None or answer is Ellipsis:
-        raise AssertionError(f"{name}: no answer yet: replace the ... with your code")
+    """Grade an exercise: print 'no answer yet', or exact / close / max diff, and stop if the answer is not close.
+
+    answer, expected: numbers, arrays or tensors, or tuples of them (compared pairwise, e.g. (y, last_state)).
+    Returns True for a correct answer, False for a blank; raises AssertionError, saying how far off, otherwise.
+    """
+    if is_blank(answer):
+        print(f"{name}: no answer yet (replace the ... in the cell above with your code, then run this cell)")
+        return False
+    if isinstance(expected, tuple | list):
+        if not isinstance(answer, tuple | list) or len(answer) != len(expected):
+            raise AssertionError(f"{name}: expected {len(expected)} results, got {type(answer).__name__}")
+        for i, (a, e) in enumerate(zip(answer, expected, strict=True)):
+            cmp(f"{name} [{i}]", a, e, rtol=rtol, atol=atol)
+        return True
     a, e = _as_array(answer), _as_array(expected)
     if a.shape != e.shape:
         raise AssertionError(f"{name}: shape {a.shape}, expected {e.shape}")
     exact = bool(np.array_equal(a, e))
     close = bool(np.allclose(a, e, rtol=rtol, atol=atol))
-    max_diff = float(np.max(np.abs(a - e), initial=0.0))
+    diff = np.abs(a.astype(np.float64) - e.astype(np.float64))
+    max_diff = float(np.max(diff, initial=0.0))
+    scale = float(np.max(np.abs(e.astype(np.float64)), initial=0.0))
     print(f"{name:30s} | exact: {exact!s:5} | close: {close!s:5} | max diff: {max_diff:.2e}")
-    assert close, f"{name}: not close to the expected answer (max diff {max_diff:.2e})"
+    relative = f", {max_diff / scale:.1%} of the largest expected value" if scale > 0 else ""
+    assert close, f"{name}: not close to the expected answer: max diff {max_diff:.3g}{relative}"
+    return True

@@ -1,6 +1,6 @@
 """Tests of the mixture-of-experts MLP: the sparse dispatch against a dense NumPy oracle, HF Jamba parity, capacity,
 the router, and the auxiliary losses (HF's load_balancing_loss_func is the oracle for the balancing loss); last,
-lesson 05's toy experiment (minijamba.moe_toy) is deterministic.
+lesson 06's toy experiment (minijamba.moe_toy) is deterministic.
 """
 
 import math
@@ -475,7 +475,7 @@ def test_bad_arguments_are_named():
 
 
 def test_toy_experiment_is_deterministic():
-    """Lesson 05's experiment: same seed, same run; the log has one row per step and shares that sum to 1."""
+    """Lesson 06's experiment: same seed, same run; the log has one row per step and shares that sum to 1."""
     task = ClusterTask.make(clusters=3, dim=4, seed=1)
     x, y, cluster = task.sample(10, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (10, 4) and cluster.shape == (10,)

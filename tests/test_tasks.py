@@ -1,6 +1,6 @@
 """Tests of the synthetic tasks: the generators' layout and seeding, the model's shapes, a short training run
 in which the selective model beats the LTI one at selective copying (the paper's Table 1, in miniature), and a
-smoke run of lesson 04's associative-recall experiment (all-Mamba against a hybrid JambaLM)."""
+smoke run of lesson 05's associative-recall experiment (all-Mamba against a hybrid JambaLM)."""
 
 import pytest
 import torch
@@ -169,7 +169,7 @@ def test_selective_beats_lti_on_selective_copying():
 
 
 def test_associative_recall_experiment_smoke():
-    """Lesson 04's experiment, a few steps of tiny models: both layouts train, and they differ only in the layout."""
+    """Lesson 05's experiment, a few steps of tiny models: both layouts train, and they differ only in the layout."""
     tiny = dict(n_pairs=4, n_queries=2, vocab=8, hidden_size=16, num_attention_heads=2, intermediate_size=16, batch=8)
     histories, models = associative_recall_experiment(seed=0, steps=3, eval_every=2, return_models=True, **tiny)
     assert tuple(histories) == tuple(models) == LAYOUTS

@@ -19,7 +19,7 @@ import time
 import torch
 
 from ..jamba import HybridCache, JambaConfig, JambaLM, count_parameters
-from ..teaching import save_figure
+from ..plotting import save_figure
 from .measure import best_time, describe_machine
 
 LAYOUTS = ("mamba", "jamba", "attention")

@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..scan import DEFAULT_CHUNK, FUSED_IMPLS, IMPLS, selective_scan
-from ..teaching import save_figure
+from ..plotting import save_figure
 from .measure import best_time, describe_machine, peak_extra_bytes
 
 
