@@ -32,17 +32,17 @@ format: setup ## apply ruff's fixes and formatting
 
 test: lint ## lint, every test, every lesson (nbmake), then the student edition run top to bottom
 	$(HEADLESS) $(PY) -m pytest tests
-	$(HEADLESS) $(PY) -m pytest --nbmake --nbmake-timeout=600 lessons
+	$(HEADLESS) $(PY) -m pytest --nbmake --nbmake-timeout=600 --durations=0 lessons
 	$(HEADLESS) $(PY) -m minijamba.student --execute
 
 lessons: setup ## execute every lesson notebook (the teacher's edition, solutions graded), refreshing figures/
-	$(HEADLESS) $(PY) -m pytest --nbmake --nbmake-timeout=600 lessons
+	$(HEADLESS) $(PY) -m pytest --nbmake --nbmake-timeout=600 --durations=0 lessons
 
 student: setup ## write the student edition (every lesson, exercises blank, solutions removed) into student/
 	$(PY) -m minijamba.student
 
 lab: setup ## open lessons/ in JupyterLab, with this project's .venv as the kernel
-	$(VENV)/bin/jupyter lab lessons
+	$(VENV)/bin/jupyter lab lessons $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 figures: lessons bench ## regenerate every figure: the lessons' and the benchmarks'
 

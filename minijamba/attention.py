@@ -49,8 +49,13 @@ __all__ = ["causal_mask", "attention_written_out", "sdpa_attention", "apply_rope
 
 
 def causal_mask(Lq, Lk, device=None):
-    """(Lq, Lk) booleans, True where query i may read key j: j <= Lk - Lq + i (aligned bottom-right)."""
-    return torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril(Lk - Lq)
+    """(Lq, Lk) booleans, True where query i may read key j: j <= Lk - Lq + i (aligned bottom-right).
+
+    One broadcast comparison: a chunked prefill builds the mask for every chunk and layer, and this is about twice
+    as fast as `tril` on a CPU."""
+    keys = torch.arange(Lk, device=device)  # (Lk,)
+    last_key = torch.arange(Lk - Lq, Lk, device=device)  # (Lq,): the last key each query may read
+    return keys[None, :] <= last_key[:, None]  # (Lq, Lk)
 
 
 def attention_written_out(q, k, v, scale=None):

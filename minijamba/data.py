@@ -17,6 +17,7 @@ The pipeline, each step a function here:
                   from a cache file for the full dataset)
     get_batch     `batch` windows of context+1 tokens at random offsets (a torch.Generator makes it deterministic);
                   inputs are the first `context` tokens, targets the same shifted by one
+    bytes/token   how much text a tokenizer packs into one id, counted exactly (token_bytes, bytes_per_token)
     bits/byte     total nats / ln 2 / bytes of text predicted: comparable across tokenizers, unlike nats/token
 
 Bytes of text: a byte-level BPE token stands for a fixed byte string (its vocabulary entry is one printable
@@ -48,6 +49,7 @@ __all__ = [
     "load_tokenizer",
     "token_bytes",
     "encode_stories",
+    "bytes_per_token",
     "encode_file",
     "get_batch",
     "eval_windows",
@@ -132,6 +134,12 @@ def encode_stories(tokenizer, stories):
         ids.extend(encoding.ids)
         ids.append(eot)
     return np.array(ids, dtype=np.int32)
+
+
+def bytes_per_token(tokenizer, stories):
+    """Bytes of text per token in the stories' stream (each story's ids, then EOT as 1 byte): how much it packs."""
+    stream = torch.from_numpy(encode_stories(tokenizer, stories)).long()  # (n_tokens,)
+    return int(token_bytes(tokenizer)[stream].sum()) / len(stream)
 
 
 def encode_file(tokenizer, path, block_chars=1 << 26):

@@ -19,11 +19,12 @@ dim — D;  d_state — N;  chunk_states — the states at chunk starts, saved f
 """
 
 import os
+import re
 from pathlib import Path
 
 import torch
 
-__all__ = ["BuildError", "CUDA_SOURCES", "KINDS", "load", "fused_selective_scan"]
+__all__ = ["BuildError", "CUDA_SOURCES", "KINDS", "load", "kernel_constants", "fused_selective_scan"]
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
 KINDS = ("cpu", "cuda")
@@ -89,6 +90,17 @@ def load(kind):
     if isinstance(_built[kind], BuildError):
         raise _built[kind]
     return _built[kind]
+
+
+def kernel_constants():
+    """The kernels' sizes, {name: int}, read from the `constexpr` integer literals of cuda/selective_scan.h and .cu.
+
+    kCudaThreads (threads per block), kCudaItems (steps per thread), kWarp (lanes per warp), kCudaMaxState (the
+    largest N), kCpuChunk (the CPU twin's steps per chunk). Read from the sources, not from a built extension, so
+    that a machine without a GPU can still draw the CUDA kernel's layout with its real numbers."""
+    literal = re.compile(r"constexpr\s+\w+\s+(k\w+)\s*=\s*(\d+)\s*;")  # derived ones (kCudaChunk) are not literals
+    sources = ((CUDA_DIR / name).read_text() for name in ("selective_scan.h", "selective_scan.cu"))
+    return {name: int(value) for text in sources for name, value in literal.findall(text)}
 
 
 class _FusedScan(torch.autograd.Function):

@@ -18,6 +18,10 @@ Inference (`HybridCache`): each layer keeps its own state, and nothing else is n
     attention layer   (k, v)                    each (batch, kv_heads, T, head_dim): grows with the context T
     Mamba layer       (conv_state, ssm_state)   (batch, d_inner, d_conv), (batch, d_inner, N): fixed size
 
+Sizing from the config alone, without building (any size, even 52B): `count_parameters` (total and active per
+token), `parameters_by_part` (where they live: what a quantization scheme needs), `cache_bytes` (the cache after
+T tokens) and `longest_context` (the longest T whose cache fits in given memory).
+
 Glossary (code name — symbol or name in the Jamba paper / HF config):
     hidden_size              — d, the model width;  intermediate_size — the (expert) MLP's hidden width
     attn_layer_period/offset — l = 8 layers per Jamba block, a : m = 1 : 7 attention to Mamba
@@ -63,7 +67,10 @@ __all__ = [
     "JambaLM",
     "ParameterCount",
     "count_parameters",
+    "PARTS",
+    "parameters_by_part",
     "cache_bytes",
+    "longest_context",
 ]
 
 # Fields of JambaConfig that HF's JambaConfig does not have: kept in our config.json, ignored by transformers.
@@ -214,6 +221,20 @@ PRESETS = {
         vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1,
         num_experts=16, num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=256,
+        tie_word_embeddings=False,
+    ),
+    # Two Transformers in JambaConfig's terms (every layer attention), for lesson 05's budget beside Jamba: counting
+    # parameters and cache bytes, not building. Their rotary positions change neither count, so rope stays off.
+    # Mixtral-8x7B (Jiang et al. 2024): an MoE of 8 experts, top-2, in every layer; 46.7B parameters.
+    "mixtral-8x7b": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, attn_layer_period=1, attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0,
+        num_experts=8, num_experts_per_tok=2, normalize_top_k=True, tie_word_embeddings=False,
+    ),
+    # Llama-2-70B (Touvron et al. 2023): dense, 80 layers, GQA with 8 KV heads; 69.0B parameters.
+    "llama-2-70b": dict(
+        vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, attn_layer_period=1, attn_layer_offset=0, num_experts=1, num_experts_per_tok=1,
         tie_word_embeddings=False,
     ),
 }  # fmt: skip
@@ -435,6 +456,32 @@ def count_parameters(config):
     return ParameterCount(total, total - idle)
 
 
+# Where a JambaLM's parameters live, as (the part, a test on the parameter's name), first match wins.
+_PART_OF = (
+    ("embedding", lambda name: name.startswith("embed_tokens.")),
+    ("lm_head", lambda name: name.startswith("lm_head.")),
+    ("attention", lambda name: ".self_attn." in name),
+    ("mamba", lambda name: ".mamba." in name),  # the whole mixer: projections, conv, A_log, D and its inner norms
+    ("routers", lambda name: ".feed_forward.router." in name),
+    ("experts", lambda name: ".feed_forward.experts." in name),
+    ("mlp", lambda name: ".feed_forward." in name),  # a dense layer's SwiGLU
+    ("norms", lambda name: True),  # input_layernorm, pre_ff_layernorm, final_layernorm
+)
+PARTS = tuple(part for part, _ in _PART_OF)
+
+
+def parameters_by_part(config):
+    """{part: parameters} over PARTS for a JambaLM, counted on the meta device; a tied LM head counts 0.
+
+    The parts sum to count_parameters(config).total. They are what a quantization scheme needs: e.g. the Jamba
+    card's 8-bit loading keeps the Mamba mixers (the "mamba" part) in 16 bits.
+    """
+    counts = dict.fromkeys(PARTS, 0)
+    for name, p in JambaLM(config, device="meta").named_parameters():
+        counts[next(part for part, matches in _PART_OF if matches(name))] += p.numel()
+    return counts
+
+
 def cache_bytes(config, batch, context, dtype=torch.float32):
     """Bytes a HybridCache holds after `context` tokens (what new_cache + forward leave in HybridCache.nbytes).
 
@@ -447,3 +494,14 @@ def cache_bytes(config, batch, context, dtype=torch.float32):
         "mamba": batch * d_inner * (config.mamba_d_conv + config.mamba_d_state),
     }
     return item * sum(per_layer[kind] for kind in config.layer_types)
+
+
+def longest_context(config, memory_bytes, batch=1, dtype=torch.bfloat16):
+    """The largest context T with cache_bytes(config, batch, T, dtype) <= memory_bytes: how long the sequences of a
+    batch can grow in the memory left for the cache. math.inf without attention layers (the cache never grows).
+    Raises ValueError when not even the empty cache (the Mamba layers' states) fits."""
+    fixed = cache_bytes(config, batch, 0, dtype)  # the Mamba states: the same at every length
+    if fixed > memory_bytes:
+        raise ValueError(f"{memory_bytes} bytes do not hold even the empty cache ({fixed} bytes of Mamba states)")
+    per_token = cache_bytes(config, batch, 1, dtype) - fixed  # the attention layers' k and v of one more token
+    return math.inf if per_token == 0 else (memory_bytes - fixed) // per_token

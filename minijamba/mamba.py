@@ -1,25 +1,29 @@
 """The Mamba block and a Mamba language model, with an O(1)-per-token inference cache and HF checkpoints.
 
-Gu & Dao 2023, §3.4 "A Simplified SSM Architecture" and Figure 3. One block (MambaMixer) reads x (batch, L, d_model):
-    x, z = in_proj(x)                     two branches of width d_inner = expand · d_model
-    x = SiLU(causal depthwise conv1d(x))  each channel mixes its last d_conv inputs: the only local mixing
-    y = SSM(x) + D·x                      the selective SSM of s6.py (Δ, B, C read from x), D the skip
+Gu & Dao 2023, §3.4 "A Simplified SSM Architecture" and Figure 3. One block (MambaMixer) reads the residual
+stream hidden (batch, L, d_model):
+    u, z = in_proj(hidden)                two branches of width d_inner = expand · d_model
+    u = SiLU(causal depthwise conv1d(u))  each channel mixes its last d_conv inputs: the only local mixing
+    y = SSM(u) + D·u                      the selective SSM of s6.py (Δ, B, C read from u), D the skip
     out = out_proj(y · SiLU(z))           the gate z plays the role of a gated MLP's second branch
-and the model is the usual pre-norm residual stack: h = h + mixer(RMSNorm(h)), a final RMSNorm, and an LM head tied
-to the embedding. With `inner_norms`, RMSNorms on Δ's rank-R input, B and C (Jamba paper §6.4) follow x_proj.
+and the model is the usual pre-norm residual stack: hidden = hidden + mixer(RMSNorm(hidden)), a final RMSNorm, and
+an LM head tied to the embedding. With `inner_norms`, RMSNorms on Δ's rank-R input, B and C (Jamba paper §6.4)
+follow x_proj.
 
-Inference (§3.4, "Mamba ... has constant time and memory per step"): everything a block needs from the past is
+Inference (the recurrent mode): everything a block needs from the past is
     conv_state (batch, d_inner, d_conv)   the last d_conv conv inputs, newest last
-    ssm_state  (batch, d_inner, N)        the SSM's hidden state h
+    ssm_state  (batch, d_inner, N)        the SSM's state x
 so `forward(ids, cache)` runs a whole prompt in parallel and leaves the cache at its end (a second call continues
 from it: chunked prefill), and `step(token, cache)` advances one token in O(1) time and memory at any context length.
+There is no KV cache, which is why Mamba §4.5 measures a higher inference throughput than a Transformer's.
 
-Glossary (code name — symbol in the paper):
-    d_model      — D, the model width;  d_inner — E·D, the expanded width (expand = E = 2)
-    d_state      — N, the SSM state size;  dt_rank — R, the rank of Δ's projection
+Glossary (code name — symbol; the README's Notation table, where the Mamba paper writes other letters in brackets):
+    d_model      — the width of the residual stream (paper: D);  d_inner — expand · d_model (paper: E·D)
+    d_state      — N, the SSM state size;  dt_rank — R, the rank of Δ's projection;  expand — E
     d_conv       — the conv1d kernel width (4)
-    x, z         — the two outputs of in_proj: the SSM branch and the gate branch of Figure 3
-    conv_state   — the conv's input window;  ssm_state — h, the SSM's hidden state (batch, E·D, N)
+    hidden       — the residual stream (batch, L, d_model)
+    u, z         — the two outputs of in_proj: the SSM's input branch (paper: x) and the gate branch of Figure 3
+    conv_state   — the conv's input window;  ssm_state — x, the SSM's state (paper: h), (batch, d_inner, N)
     A_log, D     — log(-A) and the skip D, in `mixer.ssm` (see s6.py)
 
 Where this differs from the official `mamba_simple.py` / `mixer_seq_simple.py` and HF `MambaMixer`, and why:
@@ -29,7 +33,8 @@ Where this differs from the official `mamba_simple.py` / `mixer_seq_simple.py` a
   - The official forward with a cache only takes one token after the prompt; ours takes any number (chunked prefill).
   - The vocabulary is not padded to a multiple of 8 (the official pad_vocab_size_multiple); HF does not pad either,
     and its checkpoints store the padded size (50280) as vocab_size.
-  - No fused add+norm: h + mixer(norm(h)) computed plainly (the same numbers). No attention_mask / left padding.
+  - No fused add+norm: hidden + mixer(norm(hidden)) computed plainly (the same numbers). No attention_mask or
+    left padding.
   - residual_in_fp32 promotes the residual stream to at least float32 (HF casts to float32, which would round a
     float64 model); RMSNorm likewise computes in at least float32.
   - Init follows the official `_init_weights` (embedding N(0, 0.02), Linear biases zero except dt_proj's, out_proj
@@ -211,25 +216,26 @@ class MambaMixer(nn.Module):
     def forward(self, hidden, state=None):
         """hidden (batch, L, d_model), state from empty_state / a previous call -> (out, state after the last token)."""
         conv_state, ssm_state = self.empty_state(hidden.shape[0]) if state is None else state
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
-        window = torch.cat([conv_state[:, :, 1:], x], dim=-1)  # (batch, d_inner, d_conv - 1 + L)
-        x = F.silu(depthwise_causal_conv(window, self.conv1d.weight, self.conv1d.bias))  # (batch, d_inner, L)
-        y, ssm_state = self.ssm(x, initial_state=ssm_state, return_last_state=True)  # (batch, d_inner, L)
+        u, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
+        window = torch.cat([conv_state[:, :, 1:], u], dim=-1)  # (batch, d_inner, d_conv - 1 + L)
+        u = F.silu(depthwise_causal_conv(window, self.conv1d.weight, self.conv1d.bias))  # (batch, d_inner, L)
+        y, ssm_state = self.ssm(u, initial_state=ssm_state, return_last_state=True)  # (batch, d_inner, L)
         out = self.out_proj((y * F.silu(z)).transpose(1, 2))  # (batch, L, d_model)
-        return out, (window[:, :, -self.d_conv :], ssm_state)
+        # A copy, not a view: a view would keep the whole (d_conv - 1 + L)-wide window alive in the cache.
+        return out, (window[:, :, -self.d_conv :].clone(), ssm_state)  # (batch, d_inner, d_conv)
 
     def step(self, hidden_t, state):
         """One token in O(1): hidden_t (batch, d_model), state -> (out (batch, d_model), new state)."""
         conv_state, ssm_state = state
-        x, z = self.in_proj(hidden_t).chunk(2, dim=-1)  # (batch, d_inner) each
-        conv_state = torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1)  # (batch, d_inner, d_conv): shift in x
-        x = F.silu(depthwise_causal_conv(conv_state, self.conv1d.weight, self.conv1d.bias)[:, :, 0])  # (batch, d_inner)
-        y, ssm_state = self.ssm.step(x, ssm_state)  # (batch, d_inner)
+        u, z = self.in_proj(hidden_t).chunk(2, dim=-1)  # (batch, d_inner) each
+        conv_state = torch.cat([conv_state[:, :, 1:], u[:, :, None]], dim=-1)  # (batch, d_inner, d_conv): shift in u
+        u = F.silu(depthwise_causal_conv(conv_state, self.conv1d.weight, self.conv1d.bias)[:, :, 0])  # (batch, d_inner)
+        y, ssm_state = self.ssm.step(u, ssm_state)  # (batch, d_inner)
         return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual: h + mixer(RMSNorm(h)), the residual kept in at least float32 if residual_in_fp32."""
+    """Pre-norm residual: hidden + mixer(RMSNorm(hidden)), the residual kept in at least float32 if residual_in_fp32."""
 
     def __init__(self, config, device=None, dtype=None):
         super().__init__()
@@ -237,16 +243,16 @@ class MambaBlock(nn.Module):
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
         self.mixer = MambaMixer(config, device=device, dtype=dtype)
 
-    def _residual(self, h):
-        return h.to(torch.promote_types(h.dtype, torch.float32)) if self.residual_in_fp32 else h
+    def _residual(self, hidden):
+        return hidden.to(torch.promote_types(hidden.dtype, torch.float32)) if self.residual_in_fp32 else hidden
 
-    def forward(self, h, state=None):
-        out, state = self.mixer(self.norm(h.to(self.norm.weight.dtype)), state)
-        return self._residual(h) + out, state
+    def forward(self, hidden, state=None):
+        out, state = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), state)
+        return self._residual(hidden) + out, state
 
-    def step(self, h_t, state):
-        out, state = self.mixer.step(self.norm(h_t.to(self.norm.weight.dtype)), state)
-        return self._residual(h_t) + out, state
+    def step(self, hidden_t, state):
+        out, state = self.mixer.step(self.norm(hidden_t.to(self.norm.weight.dtype)), state)
+        return self._residual(hidden_t) + out, state
 
 
 @dataclass
@@ -312,8 +318,8 @@ class MambaLM(GenerationMixin, HFCheckpointMixin, nn.Module):
         if cache.conv_states[0].shape[0] != batch:
             raise ValueError(f"cache is for batch {cache.conv_states[0].shape[0]}, input has batch {batch}")
 
-    def _logits(self, h):
-        return self.lm_head(self.norm_f(h.to(self.norm_f.weight.dtype)))
+    def _logits(self, hidden):
+        return self.lm_head(self.norm_f(hidden.to(self.norm_f.weight.dtype)))
 
     def forward(self, input_ids, cache=None):
         """input_ids (batch, L) -> logits (batch, L, vocab). With a cache: start from it and leave it after the last
@@ -322,26 +328,27 @@ class MambaLM(GenerationMixin, HFCheckpointMixin, nn.Module):
             raise ValueError(f"input_ids must be (batch, L) with L >= 1, got {tuple(input_ids.shape)}")
         if cache is not None:
             self._check_cache(cache, input_ids.shape[0])
-        h = self.embedding(input_ids)  # (batch, L, d_model)
+        hidden = self.embedding(input_ids)  # (batch, L, d_model)
         for i, layer in enumerate(self.layers):
             state = None if cache is None else (cache.conv_states[i], cache.ssm_states[i])
-            h, (conv_state, ssm_state) = layer(h, state)
+            hidden, (conv_state, ssm_state) = layer(hidden, state)
             if cache is not None:
                 cache.conv_states[i], cache.ssm_states[i] = conv_state, ssm_state
         if cache is not None:
             cache.seqlen += input_ids.shape[1]
-        return self._logits(h)  # (batch, L, vocab)
+        return self._logits(hidden)  # (batch, L, vocab)
 
     def step(self, token, cache):
         """token (batch,) -> logits (batch, vocab) for the next position; advances cache by one token in O(1)."""
         if token.ndim != 1:
             raise ValueError(f"token must be (batch,), one id per sequence, got {tuple(token.shape)}")
         self._check_cache(cache, token.shape[0])
-        h = self.embedding(token)  # (batch, d_model)
+        hidden = self.embedding(token)  # (batch, d_model)
         for i, layer in enumerate(self.layers):
-            h, (cache.conv_states[i], cache.ssm_states[i]) = layer.step(h, (cache.conv_states[i], cache.ssm_states[i]))
+            state = (cache.conv_states[i], cache.ssm_states[i])
+            hidden, (cache.conv_states[i], cache.ssm_states[i]) = layer.step(hidden, state)
         cache.seqlen += 1
-        return self._logits(h)  # (batch, vocab)
+        return self._logits(hidden)  # (batch, vocab)
 
     def prefill(self, prompt_ids, cache):
         """Run the prompt into the cache; logits (batch, vocab) for the token after it."""

@@ -1,14 +1,14 @@
 """A toy routing experiment for lesson 06: does the load-balancing loss keep a small MoE from collapsing?
 
-The task: tokens x (dim,) drawn around `clusters` centres, the target a per-cluster linear map y = M_c x, so that
+The task: tokens h (dim,) drawn around `clusters` centres, the target a per-cluster linear map M_c h, so that
 experts have something to specialise in. Every centre is shifted by one common `offset` vector, as the hidden
-states of a real model share large common directions: the router's logits W_r x then agree across tokens at the
+states of a real model share large common directions: the router's logits W_r h then agree across tokens at the
 start, the same few experts win everywhere, they learn fastest, and the router learns to prefer them further
 (the "rich get richer" loop of Shazeer et al. 2017, §4). The Switch Transformer's auxiliary loss (eq. 4) counters
 it. With offset 0 the same model stays roughly balanced on its own: the offset is what this task is about.
 
 Glossary (code name — symbol):
-    centres, maps   — the cluster centres (offset included) and the maps M_c of y = M_c x
+    centres, maps   — the cluster centres (offset included) and the maps M_c of target = M_c h
     aux_coef        — α, the weight of the load-balancing loss (Switch: 0.01; HF Jamba: router_aux_loss_coef 0.001)
     fractions       — f_e per step: each expert's share of that step's top-k assignments
 """
@@ -27,7 +27,7 @@ __all__ = ["ClusterTask", "TrainingLog", "train_moe"]
 
 @dataclass
 class ClusterTask:
-    """Regression tokens in clusters: x = centre_c + noise · ε, y = M_c x."""
+    """Regression tokens in clusters: h = centre_c + noise · ε, target = M_c h."""
 
     centres: torch.Tensor  # (clusters, dim), the common offset included
     maps: torch.Tensor  # (clusters, dim, dim)
@@ -35,7 +35,7 @@ class ClusterTask:
 
     @classmethod
     def make(cls, clusters=8, dim=16, offset=4.0, noise=0.5, seed=0):
-        """Centres N(0, I) plus one shared vector of norm `offset`; maps N(0, 1/dim) (they keep |y| near |x|)."""
+        """Centres N(0, I) plus one shared vector of norm `offset`; maps N(0, 1/dim) (they keep |target| near |h|)."""
         g = torch.Generator().manual_seed(seed)
         centres = torch.randn(clusters, dim, generator=g)  # (clusters, dim)
         shared = torch.randn(dim, generator=g)  # (dim,)
@@ -43,16 +43,16 @@ class ClusterTask:
         return cls(centres + offset * shared / shared.norm(), maps, noise)
 
     def sample(self, n, generator):
-        """n tokens: (x (n, dim), y (n, dim), cluster (n,))."""
+        """n tokens: (h (n, dim), target (n, dim), cluster (n,))."""
         cluster = torch.randint(0, self.centres.shape[0], (n,), generator=generator)  # (n,)
-        x = self.centres[cluster] + self.noise * torch.randn(n, self.centres.shape[1], generator=generator)
-        y = torch.einsum("nij,nj->ni", self.maps[cluster], x)  # (n, dim)
-        return x, y, cluster
+        h = self.centres[cluster] + self.noise * torch.randn(n, self.centres.shape[1], generator=generator)  # (n, dim)
+        target = torch.einsum("nij,nj->ni", self.maps[cluster], h)  # (n, dim)
+        return h, target, cluster
 
 
 class TrainingLog(NamedTuple):
-    fractions: torch.Tensor  # (steps, E): each expert's share of the step's assignments
-    entropy: torch.Tensor  # (steps,): the routing entropy in nats (log E = balanced)
+    fractions: torch.Tensor  # (steps, n_e): each expert's share of the step's assignments
+    entropy: torch.Tensor  # (steps,): the routing entropy in nats (log n_e = balanced)
     task_loss: torch.Tensor  # (steps,): the mean squared error
     aux_loss: torch.Tensor  # (steps,): the load-balancing loss (logged even when aux_coef = 0)
 
@@ -69,9 +69,9 @@ def train_moe(task, num_experts=8, top_k=2, aux_coef=0.0, steps=300, batch=256, 
     generator = torch.Generator().manual_seed(seed + 1)
     fractions, entropy, task_loss, aux_loss = [], [], [], []
     for _ in range(steps):
-        x, y, _ = task.sample(batch, generator)
-        out, routing = moe(x)
-        mse = F.mse_loss(out, y)
+        h, target, _ = task.sample(batch, generator)
+        out, routing = moe(h)
+        mse = F.mse_loss(out, target)
         aux = load_balancing_loss(routing.logits, num_experts, top_k)
         optimiser.zero_grad()
         (mse + aux_coef * aux).backward()

@@ -8,7 +8,8 @@ Algorithm 2). `selective_scan_ref` has the arguments, shapes and semantics of th
 (`selective_scan_ref` in state-spaces/mamba), re-derived here in NumPy. Attention: Vaswani et al. 2017 (§3.2),
 grouped-query heads (Ainslie et al. 2023) and rotary embeddings (Su et al. 2021); names in their own section.
 Mixture of experts: Jamba (Lieber et al. 2024, §2), the Switch Transformer's loss (Fedus et al. 2021, eq. 4-6);
-`moe_ref` writes E for the number of experts and g_e for a chosen expert's weight (glossary in minijamba/moe.py).
+`moe_ref` writes n_e for the number of experts, h for a token's row and g_e for a chosen expert's weight
+(glossary in minijamba/moe.py).
 
 Glossary (code name — symbol in the papers). We use S4's letters: u is the input and x the state
 (the Mamba paper writes x for the input and h for the state).
@@ -487,42 +488,42 @@ def _softmax(logits):
 
 
 def _top_k_mask(probs, top_k):
-    """1 at each row's top_k largest entries, 0 elsewhere: (tokens, E)."""
+    """1 at each row's top_k largest entries, 0 elsewhere: (tokens, n_e)."""
     mask = np.zeros_like(probs)
     np.put_along_axis(mask, np.argsort(-probs, axis=-1, kind="stable")[:, :top_k], 1.0, axis=-1)
     return mask
 
 
-def moe_ref(x, router_weight, gate_w, up_w, down_w, top_k, normalize_top_k=False):
-    """A top-k mixture of SwiGLU experts, dense: out = Σ_e g_e · down_e(silu(gate_e x) · up_e x).
+def moe_ref(h, router_weight, gate_w, up_w, down_w, top_k, normalize_top_k=False):
+    """A top-k mixture of SwiGLU experts, dense: out = Σ_e g_e · down_e(silu(gate_e h) · up_e h).
 
-    x: (tokens, hidden); router_weight: (E, hidden); gate_w, up_w: (E, inter, hidden); down_w: (E, hidden, inter).
-    p = softmax(x router_weightᵀ); g_e = p_e for the top_k experts of each token and 0 for the others, divided by
+    h: (tokens, hidden); router_weight: (n_e, hidden); gate_w, up_w: (n_e, inter, hidden); down_w: (n_e, hidden, inter).
+    p = softmax(h router_weightᵀ); g_e = p_e for the top_k experts of each token and 0 for the others, divided by
     their sum if normalize_top_k (Mixtral; Jamba keeps the raw p_e). Every expert runs on every token, the
-    obviously-correct way: O(E) the work of a sparse dispatch — reference only. Returns (tokens, hidden).
+    obviously-correct way: O(n_e) the work of a sparse dispatch — reference only. Returns (tokens, hidden).
     """
-    x, router_weight, gate_w, up_w, down_w = (
-        np.asarray(t, dtype=np.float64) for t in (x, router_weight, gate_w, up_w, down_w)
+    h, router_weight, gate_w, up_w, down_w = (
+        np.asarray(t, dtype=np.float64) for t in (h, router_weight, gate_w, up_w, down_w)
     )
-    probs = _softmax(x @ router_weight.T)  # (tokens, E)
-    g = probs * _top_k_mask(probs, top_k)  # (tokens, E)
+    probs = _softmax(h @ router_weight.T)  # (tokens, n_e)
+    g = probs * _top_k_mask(probs, top_k)  # (tokens, n_e)
     if normalize_top_k:
         g = g / g.sum(axis=-1, keepdims=True)
-    hidden = silu(np.einsum("eih,th->tei", gate_w, x)) * np.einsum("eih,th->tei", up_w, x)  # (tokens, E, inter)
-    experts = np.einsum("ehi,tei->teh", down_w, hidden)  # (tokens, E, hidden): every expert's answer
+    inner = silu(np.einsum("eih,th->tei", gate_w, h)) * np.einsum("eih,th->tei", up_w, h)  # (tokens, n_e, inter)
+    experts = np.einsum("ehi,tei->teh", down_w, inner)  # (tokens, n_e, hidden): every expert's answer
     return np.einsum("te,teh->th", g, experts)
 
 
 def load_balancing_loss_ref(router_logits, num_experts, top_k, mask=None):
     """The Switch Transformer's load-balancing loss (eq. 4-6) with top-k counts, several layers pooled.
 
-    router_logits: a list of (tokens, E) arrays, one per layer; mask: (tokens,) of 0/1 (padding 0) or None.
-        f_e = (top-k assignments to e) / tokens,  P_e = mean_tokens p_e,  loss = E · Σ_e f_e P_e
+    router_logits: a list of (tokens, n_e) arrays, one per layer; mask: (tokens,) of 0/1 (padding 0) or None.
+        f_e = (top-k assignments to e) / tokens,  P_e = mean_tokens p_e,  loss = n_e · Σ_e f_e P_e
     where the counts, probability sums and token counts add up over all layers before f and P are formed.
     """
     counts, prob_sums, rows = np.zeros(num_experts), np.zeros(num_experts), 0.0
     for logits in router_logits:
-        probs = _softmax(np.asarray(logits, dtype=np.float64))  # (tokens, E)
+        probs = _softmax(np.asarray(logits, dtype=np.float64))  # (tokens, n_e)
         m = np.ones(probs.shape[0]) if mask is None else np.asarray(mask, dtype=np.float64).reshape(-1)  # (tokens,)
         counts += m @ _top_k_mask(probs, top_k)
         prob_sums += m @ probs

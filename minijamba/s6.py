@@ -3,31 +3,32 @@
 Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", §3.2 and Algorithm 2.
 S4 (lesson 01) runs one fixed linear system over the whole sequence. S6 makes three of its parameters functions
 of the current input, so the layer can choose, token by token, what to write into its state and what to forget:
-    Δ_t = softplus(Linear(u_t) + bias)    (s_Δ: a rank-R projection up to D channels)
-    B_t = Linear_N(u_t),   C_t = Linear_N(u_t)
+    Δ_t = softplus(s_Δ(u_t) + bias)    (s_Δ: a rank-R projection from d_inner channels back to d_inner)
+    B_t = s_B(u_t),   C_t = s_C(u_t)    (linear maps from d_inner channels to N numbers, shared by the channels)
     x_t = exp(Δ_t A) x_{t-1} + Δ_t B_t u_t,    y_t = C_t x_t + D u_t
 and `minijamba.scan.selective_scan` runs that recurrence (`reference.selective_scan_ref` is its float64 oracle).
 With `selective=False` Δ, B and C are plain learnable parameters again: the same code then is an LTI SSM (S4D-Real
-with Mamba's discretization), so the paper's S4-vs-S6 comparison is one switch.
+with Mamba's discretization), so the paper's S4-vs-S6 comparison is one switch (lesson 02).
 
-Glossary (code name — symbol in the paper):
-    d_inner      — D, the number of channels (Mamba's expanded width, expand · d_model)
+Glossary, in the README's notation (code name — meaning; the Mamba paper's letter where it differs):
+    d_inner      — the channels the layer runs side by side (the scan's dim; Mamba's expand · d_model; paper D)
     d_state      — N, the state size of each channel
-    dt_rank      — R, the rank of the Δ projection (s_Δ(x) = Broadcast_D(Linear_1(x)) is the R = 1 case)
-    u            — x, the layer's input (batch, D, L)
-    x, state     — h, the hidden state (batch, D, N)
-    y            — y, the output (batch, D, L)
-    delta        — Δ, the step size, (batch, D, L), positive through τ_Δ = softplus
-    x_proj       — s_B, s_C and the first half of s_Δ: D -> R + 2N, no bias
-    dt_proj      — the second half of s_Δ: R -> D; its bias is Δ's parameter (the "Parameter" in τ_Δ(Parameter + s_Δ))
+    dt_rank      — R, the rank of the Δ projection (the paper's s_Δ(x) = Broadcast_D(Linear_1(x)) is R = 1)
+    u            — the layer's input (batch, d_inner, L) (paper x)
+    x, state     — the hidden state (batch, d_inner, N) (paper h)
+    y            — the output (batch, d_inner, L)
+    delta        — Δ, the step size, (batch, d_inner, L), positive through τ_Δ = softplus
+    x_proj       — s_B, s_C and the first half of s_Δ: d_inner -> R + 2N, no bias
+    dt_proj      — the second half of s_Δ: R -> d_inner; its bias is Δ's parameter (the "Parameter" in
+                   τ_Δ(Parameter + s_Δ(u)))
     dt_bias      — that bias when selective=False: Δ = softplus(dt_bias), one step size per channel
-    A_log        — log(-A): A = -exp(A_log), (D, N), real and negative so every mode decays
-    B, C         — B, C: (batch, N, L) selective, or (D, N) parameters when selective=False
-    D            — D, the skip connection y += D u, (D,)
+    A_log        — log(-A): A = -exp(A_log), (d_inner, N), real and negative so every mode decays
+    B, C         — B, C: (batch, N, L) selective, or (d_inner, N) parameters when selective=False
+    D            — the skip connection y += D u, (d_inner,), and nothing else
     dt_norm, B_norm, C_norm — Jamba's norms on Δ's rank-R input, B and C (`inner_norm`; not in the Mamba paper)
 
 Where this differs from the official `mamba_simple.py` (state-spaces/mamba), and why:
-  - It is only the SSM: no in_proj, conv1d, SiLU, z gate or out_proj. Those make the Mamba block (a later lesson);
+  - It is only the SSM: no in_proj, conv1d, SiLU, z gate or out_proj. Those make the Mamba block (lesson 04);
     keeping them out lets the lessons put S6 next to S4D alone.
   - dt_rank="auto" is ceil(d_inner / 32). Mamba uses ceil(d_model / 16), but this layer never sees d_model; at
     Mamba's expand = 2 the two are the same number. Pass an int to choose it.

@@ -20,15 +20,16 @@ so it can be computed as a parallel prefix scan. The implementations:
     "cuda"        the fused CUDA kernel (cuda/selective_scan.cu), for CUDA tensors, where it can be built.
     "auto"        the fused kernel for u's device when it builds; otherwise "chunked", with a one-time warning.
 
-Glossary (code name — symbol in the Mamba paper):
-    u            — x, the input (batch, dim, L)
-    x            — h, the hidden state (batch, dim, d_state)
+Glossary, in the README's notation (code name — meaning; the Mamba paper's letter where it differs):
+    u            — the input (batch, dim, L) (paper x)
+    x            — the hidden state (batch, dim, d_state) (paper h)
     delta        — Δ (batch, dim, L), made positive by softplus
     A            — A (dim, d_state), real and negative;  a = exp(ΔA) = A_bar
     B, C         — B, C: (dim, d_state) time-invariant, (batch, d_state, L) selective, (batch, groups, d_state, L)
     b            — B_bar u = Δ B u (Mamba's Euler rule for B)
-    D            — D, the skip;  z — the gate branch
-    dim, d_state — D and N in the paper
+    D            — the skip y += D u, (dim,), and nothing else;  z — the gate branch, y *= silu(z)
+    dim, d_state — the channels scanned side by side (paper D) and the state size per channel N
+Lesson 03 derives the combine, counts the work and depth of each scan, and checks them against the oracle.
 
 Never divide by cumulative products and never form exp(cumsum(delta·A)) differences: both overflow or lose
 every digit on long sequences (the failure of a popular pure-PyTorch scan whose sequential and parallel modes

@@ -13,6 +13,7 @@ no cell fails, and every check cell says "no answer yet" instead of stopping the
 import argparse
 import copy
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -120,8 +121,10 @@ def main(argv=None):
     if args.execute:
         for path in written:
             try:
+                start = time.perf_counter()
                 n = execute_edition(path)
-                print(f"{path.name}: ran top to bottom, {n} checks say {NO_ANSWER!r}", flush=True)
+                seconds = time.perf_counter() - start
+                print(f"{path.name}: ran top to bottom in {seconds:.0f} s, {n} checks say {NO_ANSWER!r}", flush=True)
             except Exception as err:  # report every lesson, then fail
                 print(f"{path.name}: FAILED: {err}", flush=True)
                 failed.append(path.name)

@@ -8,7 +8,7 @@ model (S4: the same Δ, B, C at every step) cannot do, and a selective one (S6) 
   - induction heads: after seeing "... trigger a ...", answer a at the next trigger (associative recall).
 
 The paper's selective copying (Table 1): L = 4096, vocabulary 16 (noise and marker included), 16 data tokens,
-2 layers, D = 64 (d_model), trained on a GPU. Answer accuracy: S4 (no gate) 18.3%, S6 (no gate) 97.0%; with the
+2 layers, d_model = 64, trained on a GPU. Answer accuracy: S4 (no gate) 18.3%, S6 (no gate) 97.0%; with the
 full Mamba block, S4 56.4% and S6 99.8%.
 `SelectiveCopyingConfig` shrinks it to under a minute of CPU per model: L = 48 (44 noise/data slots, then
 4 answer slots), vocabulary 16 (14 data symbols, chance 1/14 = 7%), 4 data tokens, 2 layers, d_model 32,

@@ -10,6 +10,10 @@ MoE load-balancing loss times router_aux_loss_coef, backward, clip the gradient 
 cosine decay. Every eval_every steps: validation loss (nats/token) and bits/byte on a fixed set of validation
 windows, a row in <out_dir>/log.jsonl, and a checkpoint. At the end, three stories.
 
+The log (read_log reads it back), one JSON object a line: every log_every steps {step, loss (mean cross-entropy of
+those steps), lr (the last step's), elapsed_s}; every eval_every steps {step, tokens, elapsed_s, val_loss, val_bpb};
+once at the end {step, final_val_loss, final_val_bpb, final_eval_tokens}.
+
 Models (one preset table, PRESETS, gives each model family its shape and its own learning rate):
     jamba        JambaLM: Mamba layers, one attention layer in attn_layer_period, MoE every other layer
     mamba        MambaLM: Mamba blocks only (no MLPs)
@@ -56,11 +60,30 @@ from .s6 import SelectiveSSM
 from .scan import FUSED_IMPLS
 from .tasks import param_groups
 
-__all__ = ["TrainConfig", "PRESETS", "MODELS", "TrainingDiverged", "build_model", "train", "load_run", "main"]
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "MODELS",
+    "LOGS_DIR",
+    "TrainingDiverged",
+    "model_config",
+    "build_model",
+    "parameter_counts",
+    "compute_loss",
+    "lr_at",
+    "train",
+    "sample_stories",
+    "load_run",
+    "read_log",
+    "main",
+]
 
 MODELS = ("jamba", "mamba", "transformer")
 SCAN_IMPLS = ("auto", "sequential", "chunked", *FUSED_IMPLS)  # "parallel" is O(L log L) memory: not for training
 TOKENIZER_CHARS = 50_000_000  # --data full: the BPE learns its merges from this much of the training text
+# The README's measured runs: each one's log.jsonl, committed as lessons/logs/08_<run>.jsonl (found from the package,
+# so lesson 08 reads them from whatever folder it runs in)
+LOGS_DIR = Path(__file__).resolve().parents[1] / "lessons" / "logs"
 
 # Each preset: training settings shared by the models, then per model its shape and its own best learning rate.
 # cpu20 is `make train`: <= 20 minutes of 2 CPU cores (17 min of training by the clock, then evaluation and stories).
@@ -269,6 +292,13 @@ def checkpoint_dir(path):
     if (path / "config.json").is_file():
         return path
     raise FileNotFoundError(f"{str(path)!r} is neither a checkpoint folder nor a run folder with a 'latest' file")
+
+
+def read_log(path):
+    """The rows of a log.jsonl that train() wrote (a file path or a run folder), one dict per line, in order."""
+    path = Path(path)
+    path = path / "log.jsonl" if path.is_dir() else path
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def load_run(path, device="cpu"):

@@ -41,6 +41,50 @@ def test_decode_layouts_have_equal_size():
         main(["decode", "--models", "rwkv", "--no-figure"])
 
 
+@pytest.mark.parametrize("batch, dim, N, L", [(1, 1, 1, 1), (2, 3, 4, 5), (2, 512, 16, 2048)])
+def test_byte_counts_are_the_tensors_sizes(batch, dim, N, L):
+    """floor_bytes is the scan's inputs u, delta, z, B, C and its output y in fp32; unfused_bytes adds a, b and x
+    as (batch, dim, L, N) tensors, written and read once each."""
+    from minijamba.bench.scan import floor_bytes, inputs, unfused_bytes
+
+    t = inputs(batch, dim, N, L)
+    moved = sum(t[k].numel() * t[k].element_size() for k in ("u", "delta", "z", "B", "C")) + t["u"].nbytes  # y as u
+    assert floor_bytes(batch, dim, N, L) == moved
+    assert unfused_bytes(batch, dim, N, L) - moved == 3 * 2 * batch * dim * L * N * t["u"].element_size()
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_time_impls_times_every_impl_at_one_shape(backward):
+    from minijamba.bench.scan import time_impls
+
+    seconds = time_impls(["sequential", "chunked", "cpu"], 1, 2, 3, 40, backward, rounds=2)
+    assert list(seconds) == ["sequential", "chunked", "cpu"]
+    assert all(0 < s < 10 for s in seconds.values()), seconds
+
+
+def test_copy_bandwidth_on_cpu_is_positive():
+    from minijamba.bench.scan import copy_bandwidth
+
+    assert 1e6 < copy_bandwidth("cpu", mib=4) < 1e13
+
+
+def test_measure_throughput_times_whole_requests():
+    """Prefill times accumulate with the prompt; tokens/s is the request's tokens over its prefill + generation."""
+    from minijamba.bench.decode import layout_config, measure_throughput
+    from minijamba.jamba import JambaLM
+
+    torch.manual_seed(0)
+    model = JambaLM(layout_config("jamba", 16, 2, 2, 32)).eval()
+    lengths, new_tokens = [24, 8, 16], 3
+    results = measure_throughput(model, lengths, new_tokens, chunk=8, passes=2)
+    assert list(results) == sorted(lengths)
+    for T, (prefill, generate, tokens_per_second) in results.items():
+        assert 0 < prefill < 5 and 0 < generate < 5, (T, prefill, generate)
+        assert tokens_per_second == (T + new_tokens) / (prefill + generate)
+    prefills = [r.prefill_seconds for r in results.values()]
+    assert prefills == sorted(prefills)  # a longer prompt continues the shorter one's prefill
+
+
 def test_unknown_impl_is_a_clear_error():
     with pytest.raises(SystemExit, match="--impls: unknown"):
         main(["scan", "--impls", "fast", "--no-figure"])

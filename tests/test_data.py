@@ -1,4 +1,5 @@
-"""The TinyStories pipeline: bundled text, tokenizer round trip, exact byte counts, deterministic batches, bits/byte."""
+"""The TinyStories pipeline: bundled text, tokenizer round trip, exact byte counts and bytes/token, deterministic
+batches, bits/byte."""
 
 import math
 
@@ -63,6 +64,14 @@ def test_stream_is_stories_then_eot_and_bytes_add_up(tokenizer, stories):
     assert int((stream == eot).sum()) == 20 and int(stream[-1]) == eot
     text_bytes = sum(len(s.encode("utf-8")) + 1 for s in stories[:20])  # + 1: EOT counts as one byte
     assert int(data.token_bytes(tokenizer)[torch.from_numpy(stream).long()].sum()) == text_bytes
+    assert data.bytes_per_token(tokenizer, stories[:20]) == text_bytes / len(stream)
+
+
+def test_a_bigger_vocabulary_packs_more_bytes_per_token(tokenizer, stories):
+    """Byte-level BPE: one merge gives tokens of at most 2 bytes; 512 ids pack more (the lesson's Exercise 3)."""
+    one_merge = data.train_tokenizer(stories, 258)
+    assert 1 < data.bytes_per_token(one_merge, stories[:20]) <= 2
+    assert data.bytes_per_token(tokenizer, stories[:20]) > data.bytes_per_token(one_merge, stories[:20])
 
 
 def test_batches_are_deterministic_under_a_seed(tokenizer, stories):

@@ -117,6 +117,23 @@ def test_cpu_saves_no_states_without_autograd(extension):
     assert chunk_states.numel() == 0
 
 
+def _chunks_saved(extension, L, device="cpu"):
+    """How many chunk-start states the built kernel's forward saves for a sequence of L steps."""
+    args = {k: v.to(device) for k, v in make_inputs(0, 1, 2, 3, L).items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        _, _, chunk_states = extension.forward(*[args[k] for k in ("u", "delta", "A", "B", "C")], *[None] * 4,
+                                               False, True)  # fmt: skip
+    return chunk_states.shape[2]  # (batch, dim, n_chunks, d_state)
+
+
+def test_kernel_constants_are_the_compiled_ones(extension):
+    """The sizes lesson 07 reads from the sources are the built twin's: it saves one state every kCpuChunk steps."""
+    k = fused.kernel_constants()
+    assert k["kWarp"] == 32 and k["kCudaThreads"] % k["kWarp"] == 0 and k["kCudaItems"] >= 1, k
+    for L in (1, k["kCpuChunk"], k["kCpuChunk"] + 1, 3 * k["kCpuChunk"] + 5):
+        assert _chunks_saved(extension, L) == -(-L // k["kCpuChunk"]), L
+
+
 def test_exp_float32_is_within_one_ulp(extension):
     """cpu_math.h's exp (the float32 twin's) vs float64 exp rounded to float32, over the whole float range."""
     x = torch.linspace(-110, 90, 2_000_001, dtype=torch.float32)
@@ -286,6 +303,15 @@ def test_cuda_gradcheck(b_kind, seed, L):
         return selective_scan(**kwargs, delta_softplus=True, return_last_state=True, impl="cuda")
 
     assert torch.autograd.gradcheck(f, tuple(args[k].cuda().requires_grad_() for k in names))
+
+
+@needs_gpu
+def test_cuda_kernel_constants_are_the_compiled_ones():
+    """The CUDA forward saves one state every kCudaThreads · kCudaItems steps (its chunk), as the sources say."""
+    k = fused.kernel_constants()
+    chunk = k["kCudaThreads"] * k["kCudaItems"]
+    for L in (1, chunk, chunk + 1, 2 * chunk + 3):
+        assert _chunks_saved(fused.load("cuda"), L, "cuda") == -(-L // chunk), L
 
 
 # ----------------------------------------------------------------------------------- nvcc compile check

@@ -13,7 +13,18 @@ from safetensors.torch import load_file
 from tolerances import assert_close
 
 from minijamba.checkpoint import CheckpointError
-from minijamba.jamba import PRESETS, HybridCache, JambaConfig, JambaLM, cache_bytes, count_parameters
+from minijamba.jamba import (
+    PARTS,
+    PRESETS,
+    HybridCache,
+    JambaConfig,
+    JambaLM,
+    cache_bytes,
+    count_parameters,
+    longest_context,
+    parameters_by_part,
+)
+from minijamba.mamba import MambaMixer
 from minijamba.moe import load_balancing_loss
 
 try:
@@ -190,6 +201,56 @@ def test_count_parameters_matches_a_real_model(layout, head_pair, tie):
     expert = 3 * config.hidden_size * config.intermediate_size  # gate, up, down
     idle = sum(config.moe_layers) * (config.num_experts - config.num_experts_per_tok) * expert
     assert active == total - idle
+
+
+@given(layout=layouts(), head_pair=heads(), tie=st.booleans())
+@settings(max_examples=20)
+def test_parameters_by_part_add_up_and_match_the_layers(layout, head_pair, tie):
+    """The parts sum to the total; each part is its layers' count from their shapes (or one built module)."""
+    config = JambaConfig(**small(layout, head_pair, tie_word_embeddings=tie))
+    parts = parameters_by_part(config)
+    total, active = count_parameters(config)
+    assert tuple(parts) == PARTS and sum(parts.values()) == total
+    d, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    n_attention, n_moe = config.layer_types.count("attention"), sum(config.moe_layers)
+    mixer = sum(p.numel() for p in MambaMixer(config.mamba_config(), device="meta").parameters())
+    assert parts["attention"] == n_attention * (2 * d * d + 2 * d * kv)  # q, o: d·d; k, v: d·kv
+    assert parts["mamba"] == (config.num_hidden_layers - n_attention) * mixer
+    assert parts["experts"] == n_moe * config.num_experts * 3 * d * config.intermediate_size
+    assert parts["routers"] == n_moe * config.num_experts * d
+    assert parts["mlp"] == (config.num_hidden_layers - n_moe) * 3 * d * config.intermediate_size
+    assert parts["embedding"] == config.vocab_size * d and parts["lm_head"] == (0 if tie else config.vocab_size * d)
+    assert parts["norms"] == (2 * config.num_hidden_layers + 1) * d
+    idle = parts["experts"] * (config.num_experts - config.num_experts_per_tok) // config.num_experts
+    assert active == total - idle
+
+
+def test_presets_of_the_transformers_have_their_published_sizes():
+    """Mixtral-8x7B: 46.7B parameters, 12.9B active; Llama-2-70B: 69.0B (Llama 2's 70B), all dense."""
+    mixtral = count_parameters(JambaConfig.preset("mixtral-8x7b"))
+    llama = count_parameters(JambaConfig.preset("llama-2-70b"))
+    assert round(mixtral.total / 1e9, 1) == 46.7 and round(mixtral.active / 1e9, 1) == 12.9
+    assert round(llama.total / 1e9, 1) == 69.0 and llama.active == llama.total
+    for name in ("mixtral-8x7b", "llama-2-70b"):
+        assert set(JambaConfig.preset(name).layer_types) == {"attention"}
+
+
+@given(
+    layout=layouts(max_layers=8), head_pair=heads(), batch=batch, memory=st.integers(0, 10**6),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)  # fmt: skip
+def test_longest_context_is_the_last_length_that_fits(layout, head_pair, batch, memory, dtype):
+    config = JambaConfig(**small(layout, head_pair))
+    fixed = cache_bytes(config, batch, 0, dtype)
+    if memory < fixed:
+        with pytest.raises(ValueError, match="empty cache"):
+            longest_context(config, memory, batch, dtype)
+        return
+    T = longest_context(config, memory, batch, dtype)
+    if "attention" not in config.layer_types:
+        assert T == float("inf")
+        return
+    assert cache_bytes(config, batch, T, dtype) <= memory < cache_bytes(config, batch, T + 1, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

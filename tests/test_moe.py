@@ -1,10 +1,12 @@
 """Tests of the mixture-of-experts MLP: the sparse dispatch against a dense NumPy oracle, HF Jamba parity, capacity,
 the router, and the auxiliary losses (HF's load_balancing_loss_func is the oracle for the balancing loss); last,
-lesson 06's toy experiment (minijamba.moe_toy) is deterministic.
+lesson 06's toy experiment (minijamba.moe_toy) is deterministic and its dispatch picture draws the module's routing.
 """
 
 import math
+import re
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,7 @@ from minijamba.moe import (
     router_z_loss,
 )
 from minijamba.moe_toy import ClusterTask, train_moe
+from minijamba.plotting import draw_moe_dispatch
 
 try:
     import transformers
@@ -488,3 +491,21 @@ def test_toy_experiment_is_deterministic():
         assert torch.equal(a, b)
     for a, b in zip(moe.parameters(), moe_again.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@settings(max_examples=5)  # each example draws a figure
+@given(E=st.integers(1, 6), L=st.integers(1, 8), seed=seeds, data=st.data())
+def test_dispatch_picture_draws_the_module_routing(E, L, seed, data):
+    """Lesson 06's Figure 1: each expert's box counts the rows MoE routed to it, each token's sum names its experts."""
+    k = data.draw(st.integers(1, E), label="top_k")
+    moe = make_moe(seed, 3, 2, E, k)
+    with torch.no_grad():
+        _, routing = moe(randn(seed + 1, L, 3))
+    fig = draw_moe_dispatch(torch.softmax(routing.logits, -1), routing.top_k_index, routing.top_k_weights, "test")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    plt.close(fig)
+    for e, count in enumerate(routing.tokens_per_expert.tolist()):
+        assert f"expert {e}\n{count} {'row' if count == 1 else 'rows'}" in texts
+    for t in range(L):
+        label = next(text for text in texts if text.startswith(f"out$_{t}$ ="))
+        assert [int(e) for e in re.findall(r"E(\d+)", label)] == routing.top_k_index[t].tolist()

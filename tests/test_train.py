@@ -1,5 +1,6 @@
-"""train.py and sample.py on tiny models: the loss falls, resume is bit-identical, divergence stops cleanly,
-bad configs fail before any work, sampling is reproducible under --seed."""
+"""train.py and sample.py on tiny models: the loss falls, the first step is the documented one, resume is
+bit-identical, divergence stops cleanly, bad configs fail before any work, sampling is reproducible under --seed;
+the committed logs of the README's runs are whole."""
 
 import json
 import math
@@ -7,9 +8,9 @@ import math
 import pytest
 import torch
 
-from minijamba import sample
+from minijamba import data, sample
 from minijamba import train as train_module
-from minijamba.train import TrainConfig, TrainingDiverged, load_run, train
+from minijamba.train import LOGS_DIR, TrainConfig, TrainingDiverged, load_run, read_log, train
 
 
 def tiny(tmp_path, model="jamba", **overrides):
@@ -48,6 +49,52 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(tiny_run):
     final = log_rows(out_dir, "final_val_bpb")  # the reported number: twice the windows, once at the end
     assert final == [(20, pytest.approx(result["final_val_bpb"]))] and result["final_eval_tokens"] == 16 * 32
     assert len(result["stories"]) == 2 and all(s.startswith("Once upon a time") for s in result["stories"])
+
+
+def test_read_log_gives_the_rows_in_order(tiny_run):
+    out_dir, result = tiny_run
+    rows = read_log(out_dir)
+    assert rows == read_log(out_dir / "log.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))
+    final = ("final_val_loss", "final_val_bpb", "final_eval_tokens")
+    assert rows[-1] == {"step": 20, **{key: result[key] for key in final}}
+
+
+def test_the_committed_logs_are_whole_runs():
+    """lessons/logs: the README's five cpu20 runs, each evaluated every 100 steps and ending in its final row."""
+    names = sorted(p.name for p in LOGS_DIR.glob("08_*.jsonl"))
+    runs = ["jamba", "mamba", "pair_jamba", "pair_transformer", "transformer"]
+    assert names == [f"08_{run}.jsonl" for run in runs]
+    cpu20 = TrainConfig.from_preset("jamba", "cpu20")
+    for name in names:
+        rows = read_log(LOGS_DIR / name)
+        assert "final_val_bpb" in rows[-1] and rows[-1]["final_eval_tokens"] == 512 * cpu20.context
+        evals = [r for r in rows if "val_bpb" in r]
+        assert all(r["tokens"] == r["step"] * cpu20.batch_size * cpu20.context for r in evals)
+        assert evals[-1]["elapsed_s"] >= 60 * cpu20.max_minutes  # each ran its whole budget by the clock
+
+
+def test_the_first_step_is_the_documented_one(tmp_path):
+    """train()'s step 1 = seed, build_model, get_batch, compute_loss, backward, clip, AdamW(param_groups) at lr_at."""
+    cfg = tiny(tmp_path, max_steps=1, log_every=1)
+    train(cfg)
+    trained, tokenizer, _ = load_run(tmp_path)
+    torch.manual_seed(cfg.seed)
+    config = train_module.model_config(cfg)
+    model = train_module.build_model(config, cfg.scan_impl)
+    stream = data.encode_stories(tokenizer, data.split_stories(data.read_text("train"))[: cfg.max_stories])
+    inputs, targets = data.get_batch(stream, cfg.batch_size, cfg.context, torch.Generator().manual_seed(cfg.seed))
+    optimizer = torch.optim.AdamW(train_module.param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2))  # fmt: skip
+    for group in optimizer.param_groups:
+        group["lr"] = train_module.lr_at(cfg, 0, 0.0)  # max_minutes is None: the schedule reads the step alone
+    loss, ce = train_module.compute_loss(model, inputs, targets, config.router_aux_loss_coef)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    assert read_log(tmp_path)[0]["loss"] == ce.item()  # the logged loss is this step's cross-entropy, to the bit
+    for (name, p), q in zip(model.named_parameters(), trained.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("model", ["mamba", "transformer"])

@@ -12,9 +12,14 @@ An attention layer has 4·d² parameters where a Mamba block has about 6·d², s
 MLP to make up the difference. Each model prefills contexts of 128 .. 16384 tokens (once, in chunks: a forward with a
 cache continues it) and model.step is timed at each length. Goal: the Mamba model's latency at 16K within 10% of its
 latency at 128.
+
+`measure_throughput` times whole requests instead (a prompt of T tokens prefilled, then tokens generated), the
+measure of the Jamba paper's §3.2 throughput comparison; lesson 05 runs it on the jamba and attention layouts.
 """
 
+import math
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -73,14 +78,47 @@ def _copy(cache):
 
 def _prefill_snapshots(model, ids, lengths, chunk):
     """One pass over the longest context, in chunks, keeping a copy of the cache at every length.
-    Returns ({T: cache after T tokens}, seconds)."""
-    cache, snapshots = model.new_cache(1), {}
-    start = time.perf_counter()
+    Returns ({T: cache after T tokens}, {T: seconds the model took to prefill T tokens}); copying is not timed."""
+    cache, snapshots, seconds, elapsed = model.new_cache(1), {}, {}, 0.0
     for T in lengths:
+        start = time.perf_counter()
         for t0 in range(cache.seqlen, T, chunk):  # continue the previous length's cache up to T
             model(ids[:, t0 : min(t0 + chunk, T)], cache)
+        elapsed += time.perf_counter() - start
+        seconds[T] = elapsed
         snapshots[T] = _copy(cache)
-    return snapshots, time.perf_counter() - start
+    return snapshots, seconds
+
+
+class Throughput(NamedTuple):
+    prefill_seconds: float  # the prompt of T tokens, in chunks
+    generate_seconds: float  # the new tokens after it, one model.step each
+    tokens_per_second: float  # (T + new tokens) / (prefill_seconds + generate_seconds)
+
+
+def measure_throughput(model, lengths, new_tokens=16, chunk=512, passes=2, seed=0):
+    """{T: Throughput} of batch-1 requests: prefill a prompt of T tokens, then generate new_tokens greedily.
+
+    A pass prefills the longest prompt once in chunks, timing the model calls up to each T (a chunked prefill of T
+    tokens), then generates from a copy of the cache at each T. Each time is the best over `passes`: on a shared
+    machine a pass that another job slowed down is not the one kept. Prompts are random ids (the cost of a token
+    does not depend on which token it is).
+    """
+    lengths = sorted(lengths)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, lengths[-1] + 1), generator=generator)  # (1, T_max + 1)
+    prefill, generate = dict.fromkeys(lengths, math.inf), dict.fromkeys(lengths, math.inf)
+    with torch.inference_mode():
+        for _ in range(passes):
+            snapshots, seconds = _prefill_snapshots(model, ids, lengths, chunk)
+            for T in lengths:
+                cache, token = snapshots.pop(T), ids[:, T]  # token (1,): the first generated token, given
+                start = time.perf_counter()
+                for _ in range(new_tokens):
+                    token = model.step(token, cache).argmax(dim=-1)  # (1,)
+                generate[T] = min(generate[T], time.perf_counter() - start)
+                prefill[T] = min(prefill[T], seconds[T])
+    return {T: Throughput(prefill[T], generate[T], (T + new_tokens) / (prefill[T] + generate[T])) for T in lengths}
 
 
 def _measure(model, ids, lengths, args):
@@ -92,7 +130,7 @@ def _measure(model, ids, lengths, args):
             cache = _copy(snapshots[T])
             seconds = best_time(lambda cache=cache, T=T: model.step(ids[:, T], cache), repeats=args.repeats)
             best[T] = min(best[T], seconds)
-    return {T: (best[T] * 1e3, snapshots[T].nbytes) for T in lengths}, prefill_seconds
+    return {T: (best[T] * 1e3, snapshots[T].nbytes) for T in lengths}, prefill_seconds[lengths[-1]]
 
 
 def run(args):

@@ -8,14 +8,19 @@ Rows: the torch scans (minijamba.scan.IMPLS), the fused CPU twin ("cpu") and, wh
 kernel ("cuda"). A CUDA row also reports its forward against the bandwidth floor (Mamba §3.3.2: the scan is
 memory-bound): the bytes that must move, u, delta, z, B, C in and y out, divided by the device's measured
 copy bandwidth, as a percentage of the measured forward time.
+
+Lesson 07 uses the pieces: `inputs` (the benchmark's scan inputs), `scan_call` and `time_impls` (interleaved
+best-of-rounds timings, for ratios on a shared machine), `floor_bytes` and `unfused_bytes` (the bytes a fused and
+a tensor-op scan move), `copy_bandwidth` (of the CPU or the GPU).
 """
 
 import math
+import time
 
 import torch
 
-from ..scan import DEFAULT_CHUNK, FUSED_IMPLS, IMPLS, selective_scan
 from ..plotting import save_figure
+from ..scan import DEFAULT_CHUNK, FUSED_IMPLS, IMPLS, selective_scan
 from .measure import best_time, describe_machine, peak_extra_bytes
 
 
@@ -37,7 +42,8 @@ def add_arguments(parser):
     parser.add_argument("--no-figure", action="store_true")
 
 
-def _inputs(batch, dim, N, L, requires_grad, device="cpu"):
+def inputs(batch, dim, N, L, requires_grad=False, device="cpu"):
+    """A Mamba layer's scan inputs, seeded, with every option on: u, delta, A, B, C, D, z, delta_bias."""
     g = torch.Generator().manual_seed(0)
     t = dict(
         u=torch.randn(batch, dim, L, generator=g),
@@ -50,6 +56,45 @@ def _inputs(batch, dim, N, L, requires_grad, device="cpu"):
         delta_bias=torch.zeros(dim),
     )
     return {k: v.to(device).requires_grad_(requires_grad) for k, v in t.items()}
+
+
+def scan_call(impl, args, backward):
+    """A no-argument function that runs one scan of `impl` on `args`: the forward under no_grad, or the forward and
+    a backward of sum(y). On a GPU it waits for the kernels to finish, so that wall-clock time is their time."""
+    synchronize = torch.cuda.synchronize if args["u"].is_cuda else lambda: None
+
+    def forward():
+        with torch.no_grad():
+            selective_scan(**args, delta_softplus=True, impl=impl)
+        synchronize()
+
+    def forward_backward():
+        y = selective_scan(**args, delta_softplus=True, impl=impl)
+        y.backward(torch.ones_like(y))
+        synchronize()
+
+    return forward_backward if backward else forward
+
+
+def device_of(impl, device="cpu"):
+    """Where impl's inputs live: the fused kernels on the device they are named after, the torch scans on `device`."""
+    return impl if impl in FUSED_IMPLS else device
+
+
+def time_impls(impls, batch, dim, N, L, backward, rounds=3, device="cpu"):
+    """{impl: seconds}, the fastest of `rounds` timed calls of each impl's scan at one shape, after one warm-up.
+
+    Each round calls every impl once, so a change of load on a shared machine while it measures touches all of
+    them alike: compare the results with each other, as ratios. The torch scans run on `device`."""
+    calls = {i: scan_call(i, inputs(batch, dim, N, L, backward, device_of(i, device)), backward) for i in impls}
+    best = dict.fromkeys(impls, math.inf)
+    for round_ in range(rounds + 1):
+        for impl, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_ > 0:  # round 0 warms up: the allocator, the caches, a first build
+                best[impl] = min(best[impl], time.perf_counter() - start)
+    return best
 
 
 def _estimated_bytes(impl, batch, dim, N, L, backward):
@@ -66,43 +111,35 @@ def _estimated_bytes(impl, batch, dim, N, L, backward):
 
 
 def _measure(impl, batch, dim, N, L, backward, repeats):
-    device = "cuda" if impl == "cuda" else "cpu"
-    args = _inputs(batch, dim, N, L, requires_grad=backward, device=device)
-
-    def forward():
-        with torch.no_grad():
-            selective_scan(**args, delta_softplus=True, impl=impl)
-
-    def forward_backward():
-        y = selective_scan(**args, delta_softplus=True, impl=impl)
-        y.backward(torch.ones_like(y))
-
-    fn = forward_backward if backward else forward
+    device = device_of(impl)
+    fn = scan_call(impl, inputs(batch, dim, N, L, requires_grad=backward, device=device), backward)
+    seconds = best_time(fn, repeats=repeats)
     if device == "cpu":
-        return best_time(fn, repeats=repeats), peak_extra_bytes(fn)
-
-    def synchronized():
-        fn()
-        torch.cuda.synchronize()
-
-    seconds = best_time(synchronized, repeats=repeats)
+        return seconds, peak_extra_bytes(fn)
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    synchronized()
+    fn()
     return seconds, torch.cuda.max_memory_allocated() - before
 
 
-def device_bandwidth(gib=1):
-    """Measured bytes per second of a large device-to-device copy (each byte read once and written once)."""
-    src = torch.empty(gib * 2**28, device="cuda")  # gib GiB of float32
+def copy_bandwidth(device="cuda", mib=1024):
+    """Measured bytes per second of a large copy on `device` (each byte read once and written once)."""
+    src = torch.empty(mib * 2**18, device=device)  # mib MiB of float32
     dst = torch.empty_like(src)
-    seconds = best_time(lambda: (dst.copy_(src), torch.cuda.synchronize()), repeats=5)
+    synchronize = torch.cuda.synchronize if src.is_cuda else lambda: None
+    seconds = best_time(lambda: (dst.copy_(src), synchronize()), repeats=5)
     return 2 * src.numel() * 4 / seconds
 
 
 def floor_bytes(batch, dim, N, L):
     """Bytes a fused forward must move: u, delta, z (batch, dim, L) and B, C (batch, N, L) in, y out, fp32."""
     return 4 * (4 * batch * dim * L + 2 * batch * N * L)
+
+
+def unfused_bytes(batch, dim, N, L):
+    """Bytes a scan built from tensor operations moves at least: floor_bytes, plus a = exp(delta·A), b = delta·B·u
+    and the states x as (batch, dim, L, N) fp32 tensors, each written once and read back once (Mamba §3.3.2)."""
+    return floor_bytes(batch, dim, N, L) + 3 * 2 * 4 * batch * dim * L * N
 
 
 def run(args):
@@ -113,7 +150,7 @@ def run(args):
         raise SystemExit(f"--impls: unknown {unknown}; choose from {[*IMPLS, *FUSED_IMPLS]}")
     if "cuda" in impls and not torch.cuda.is_available():
         raise SystemExit("--impls: cuda needs a GPU, and torch sees none here")
-    bandwidth = device_bandwidth() if "cuda" in impls else None
+    bandwidth = copy_bandwidth() if "cuda" in impls else None
     if bandwidth:
         print(f"GPU: {torch.cuda.get_device_name()}, measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(f"selective scan, batch {args.batch}, dim {args.dim}, d_state {args.d_state}, fp32")
