@@ -179,9 +179,9 @@ class _Block(nn.Module):
         self.ssm = SelectiveSSM(d_inner, d_state, selective=selective, scan_impl=scan_impl)
         self.out_proj = nn.Linear(d_inner, d_model)
 
-    def forward(self, x):  # x: (batch, L, d_model)
-        h = self.in_proj(self.norm(x)).transpose(1, 2)  # (batch, d_inner, L)
-        return x + self.out_proj(self.ssm(h).transpose(1, 2))  # (batch, L, d_model)
+    def forward(self, hidden):  # hidden: (batch, L, d_model)
+        u = self.in_proj(self.norm(hidden)).transpose(1, 2)  # (batch, d_inner, L): the SSM's input
+        return hidden + self.out_proj(self.ssm(u).transpose(1, 2))  # (batch, L, d_model)
 
 
 class TaskModel(nn.Module):
