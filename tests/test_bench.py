@@ -85,6 +85,24 @@ def test_measure_throughput_times_whole_requests():
     assert prefills == sorted(prefills)  # a longer prompt continues the shorter one's prefill
 
 
+def test_measure_decode_times_steps_of_any_lm():
+    """For a MambaLM as for a JambaLM: a time and the real cache's bytes at every length, the cache flat for Mamba."""
+    from minijamba.bench.decode import measure_decode
+    from minijamba.mamba import MambaConfig, MambaLM
+
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=16, n_layer=2, vocab_size=32)
+    model = MambaLM(config).eval()
+    lengths = [4, 12]
+    ids = torch.randint(0, 32, (1, lengths[-1] + 1))
+    with torch.inference_mode():
+        rows, prefill_seconds = measure_decode(model, ids, lengths, chunk=8, rounds=2, repeats=2)
+    assert list(rows) == lengths and 0 < prefill_seconds < 5
+    expected_bytes = config.n_layer * config.d_inner * (config.d_conv + config.d_state) * 4
+    for ms, nbytes in rows.values():
+        assert 0 < ms < 1000 and nbytes == expected_bytes
+
+
 def test_unknown_impl_is_a_clear_error():
     with pytest.raises(SystemExit, match="--impls: unknown"):
         main(["scan", "--impls", "fast", "--no-figure"])

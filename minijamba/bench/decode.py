@@ -17,13 +17,14 @@ latency at 128.
 measure of the Jamba paper's §3.2 throughput comparison; lesson 05 runs it on the jamba and attention layouts.
 """
 
+import copy
 import math
 import time
 from typing import NamedTuple
 
 import torch
 
-from ..jamba import HybridCache, JambaConfig, JambaLM, count_parameters
+from ..jamba import JambaConfig, JambaLM, count_parameters
 from ..plotting import save_figure
 from .measure import best_time, describe_machine
 
@@ -71,11 +72,6 @@ def layout_config(layout, d_model, n_layer, attn_period, vocab_size):
     return JambaConfig(intermediate_size=max(1, width), **common, **_mixers(layout, n_layer, attn_period))
 
 
-def _copy(cache):
-    """An independent copy: timing steps on it leaves the snapshot it came from at its context length."""
-    return HybridCache([tuple(t.clone() for t in state) for state in cache.states], cache.seqlen)
-
-
 def _prefill_snapshots(model, ids, lengths, chunk):
     """One pass over the longest context, in chunks, keeping a copy of the cache at every length.
     Returns ({T: cache after T tokens}, {T: seconds the model took to prefill T tokens}); copying is not timed."""
@@ -86,7 +82,7 @@ def _prefill_snapshots(model, ids, lengths, chunk):
             model(ids[:, t0 : min(t0 + chunk, T)], cache)
         elapsed += time.perf_counter() - start
         seconds[T] = elapsed
-        snapshots[T] = _copy(cache)
+        snapshots[T] = copy.deepcopy(cache)  # steps on a copy leave the snapshot at T
     return snapshots, seconds
 
 
@@ -121,14 +117,17 @@ def measure_throughput(model, lengths, new_tokens=16, chunk=512, passes=2, seed=
     return {T: Throughput(prefill[T], generate[T], (T + new_tokens) / (prefill[T] + generate[T])) for T in lengths}
 
 
-def _measure(model, ids, lengths, args):
-    """{T: (ms per token, cache bytes)} for one model: best step time over interleaved rounds."""
-    snapshots, prefill_seconds = _prefill_snapshots(model, ids, lengths, args.chunk)
-    best = dict.fromkeys(lengths, float("inf"))
-    for _ in range(args.rounds):  # interleaved: drift on a shared machine hits every length alike
+def measure_decode(model, ids, lengths, chunk=512, rounds=5, repeats=20):
+    """({T: (ms per token, cache bytes)}, seconds to prefill the longest context) for one model (a JambaLM or a
+    MambaLM) and ids (1, max(lengths) + 1): the best time of model.step after T tokens, over `rounds` rounds that
+    each visit every length in turn, so that a busy spell on a shared machine spoils a few rounds of every length
+    rather than all rounds of one."""
+    snapshots, prefill_seconds = _prefill_snapshots(model, ids, lengths, chunk)
+    best = dict.fromkeys(lengths, math.inf)
+    for _ in range(rounds):
         for T in lengths:
-            cache = _copy(snapshots[T])
-            seconds = best_time(lambda cache=cache, T=T: model.step(ids[:, T], cache), repeats=args.repeats)
+            cache = copy.deepcopy(snapshots[T])
+            seconds = best_time(lambda cache=cache, T=T: model.step(ids[:, T], cache), repeats=repeats)
             best[T] = min(best[T], seconds)
     return {T: (best[T] * 1e3, snapshots[T].nbytes) for T in lengths}, prefill_seconds[lengths[-1]]
 
@@ -149,7 +148,7 @@ def run(args):
         model = JambaLM(config).eval()
         sizes[layout] = count_parameters(config).total
         with torch.inference_mode():
-            results[layout], seconds = _measure(model, ids, lengths, args)
+            results[layout], seconds = measure_decode(model, ids, lengths, args.chunk, args.rounds, args.repeats)
         kinds = config.layer_types.count("attention")
         print(
             f"{layout}: {sizes[layout] / 1e6:.2f}M parameters, {kinds}/{config.num_hidden_layers} attention layers, "
