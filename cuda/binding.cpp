@@ -2,13 +2,16 @@
 //
 // A bad call must end in a Python RuntimeError that names the argument, never in a crash or a silent wrong
 // answer: the kernels trust what they are given (shapes, dtypes, contiguity, device), so every one of those
-// is checked here with TORCH_CHECK. Built twice by minijamba/fused.py: for the CPU alone, and with
-// -DMINIJAMBA_WITH_CUDA together with selective_scan.cu, where CUDA tensors go to the GPU kernels.
+// is checked here with TORCH_CHECK. Built three ways by minijamba/fused.py: for the CPU alone; with
+// -DMINIJAMBA_WITH_CUDA together with selective_scan.cu, where CUDA tensors go to the GPU kernels; and with
+// -DMINIJAMBA_CUDA_EMULATED together with the same .cu compiled as host C++ (cuda/emulator/), where CPU tensors
+// go to the CUDA kernels run under CUDA's execution model on the CPU, and every output starts as NaN.
 //
 // Shapes: u, delta, z: (batch, dim, L);  A: (dim, N);  D, delta_bias: (dim,);  initial_state: (batch, dim, N);
 // B, C: (dim, N) time-invariant, (batch, N, L) selective or (batch, groups, N, L) grouped.
 #include <torch/extension.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -26,6 +29,35 @@ namespace minijamba {
 namespace {
 
 using at::Tensor;
+
+// Whether u goes to the CUDA kernels (on a GPU, or emulated) rather than to the CPU twin.
+bool uses_cuda_kernels([[maybe_unused]] const Tensor& u) {
+#if defined(MINIJAMBA_CUDA_EMULATED)
+  return true;
+#elif defined(MINIJAMBA_WITH_CUDA)
+  return u.is_cuda();
+#else
+  return false;
+#endif
+}
+
+// An output the kernels overwrite: uninitialized on a GPU and the CPU, NaN under the emulator, so that an element
+// a kernel forgets to write shows up in the tests.
+Tensor output_like(const Tensor& like) {
+#ifdef MINIJAMBA_CUDA_EMULATED
+  return at::full_like(like, std::numeric_limits<double>::quiet_NaN());
+#else
+  return at::empty_like(like);
+#endif
+}
+
+Tensor new_output(const Tensor& like, at::IntArrayRef shape) {
+#ifdef MINIJAMBA_CUDA_EMULATED
+  return like.new_full(shape, std::numeric_limits<double>::quiet_NaN());
+#else
+  return like.new_empty(shape);
+#endif
+}
 using OptionalTensor = std::optional<Tensor>;
 
 std::string shape_of(const Tensor& t) { return c10::str(t.sizes()); }
@@ -67,8 +99,9 @@ ScanArgs<T> input_args(const Tensor& u, const Tensor& delta, const Tensor& A, co
   check_like_u(A, "A", u);
   TORCH_CHECK(A.dim() == 2 && A.size(0) == dim && N >= 1, "A must have shape (dim=", dim, ", N >= 1), got ",
               shape_of(A));
-#ifdef MINIJAMBA_WITH_CUDA
-  TORCH_CHECK(!u.is_cuda() || N <= kCudaMaxState, "A must have N <= ", kCudaMaxState, " on CUDA, got N=", N);
+#if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
+  TORCH_CHECK(!uses_cuda_kernels(u) || N <= kCudaMaxState, "A must have N <= ", kCudaMaxState,
+              " on the CUDA kernels, got N=", N);
 #endif
   check_like_u(B, "B", u);
   check_like_u(C, "C", u);
@@ -99,24 +132,45 @@ void check_u(const Tensor& u) {
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble, "u must be float32 or float64, got ",
               u.scalar_type());
   TORCH_CHECK(u.is_contiguous(), "u must be contiguous");
-#ifdef MINIJAMBA_WITH_CUDA
+#if defined(MINIJAMBA_WITH_CUDA)
   TORCH_CHECK(u.is_cpu() || u.is_cuda(), "u must be on the CPU or a CUDA device, got ", u.device());
+#elif defined(MINIJAMBA_CUDA_EMULATED)
+  TORCH_CHECK(u.is_cpu(), "u must be on the CPU (the emulated CUDA kernels run there), got ", u.device());
 #else
   TORCH_CHECK(u.is_cpu(), "u must be on the CPU (this build has no CUDA kernels), got ", u.device());
 #endif
 }
 
 int64_t chunk_for(const Tensor& u) {
-#ifdef MINIJAMBA_WITH_CUDA
-  if (u.is_cuda()) return kCudaChunk;
+#if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
+  if (uses_cuda_kernels(u)) return kCudaChunk;
 #endif
   return kCpuChunk;
 }
 
-#ifdef MINIJAMBA_WITH_CUDA
+#if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
 void check_launch(cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, "selective scan CUDA launch failed: ", cudaGetErrorString(error));
 }
+
+// The stream to launch on: torch's current one for u's GPU; the emulator runs each launch to completion.
+cudaStream_t stream_for([[maybe_unused]] const Tensor& u) {
+#ifdef MINIJAMBA_WITH_CUDA
+  return c10::cuda::getCurrentCUDAStream(u.get_device());
+#else
+  return nullptr;
+#endif
+}
+
+// Makes u's GPU current for a launch (nothing to do under the emulator).
+struct DeviceGuard {
+#ifdef MINIJAMBA_WITH_CUDA
+  explicit DeviceGuard(const Tensor& u) : guard(u.device()) {}
+  c10::cuda::CUDAGuard guard;
+#else
+  explicit DeviceGuard(const Tensor&) {}
+#endif
+};
 #endif
 
 // y, last_state and (if save_chunk_states, for the backward) the state at the start of every chunk:
@@ -128,21 +182,23 @@ std::vector<Tensor> forward(const Tensor& u, const Tensor& delta, const Tensor& 
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_forward", [&] {
     auto p = input_args<scalar_t>(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_for(u));
-    const Tensor y = at::empty_like(u), last_state = u.new_empty({p.batch, p.dim, p.d_state});
-    const Tensor chunk_states = save_chunk_states ? u.new_empty({p.batch, p.dim, p.n_chunks, p.d_state})
+    const Tensor y = output_like(u), last_state = new_output(u, {p.batch, p.dim, p.d_state});
+    const Tensor chunk_states = save_chunk_states ? new_output(u, {p.batch, p.dim, p.n_chunks, p.d_state})
                                                   : u.new_empty({0});
     p.y = y.data_ptr<scalar_t>(), p.last_state = last_state.data_ptr<scalar_t>();
     p.chunk_states = save_chunk_states ? chunk_states.data_ptr<scalar_t>() : nullptr;
     out = {y, last_state, chunk_states};
     if (u.numel() == 0) return;
-#ifdef MINIJAMBA_WITH_CUDA
-    if (u.is_cuda()) {
-      const c10::cuda::CUDAGuard guard(u.device());
-      check_launch(selective_scan_forward_cuda(p, c10::cuda::getCurrentCUDAStream()));
+#if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
+    if (uses_cuda_kernels(u)) {
+      const DeviceGuard guard(u);
+      check_launch(selective_scan_forward_cuda(p, stream_for(u)));
       return;
     }
 #endif
+#ifndef MINIJAMBA_CUDA_EMULATED  // that build has no CPU twin: every tensor went to the kernels above
     selective_scan_forward_cpu(p);
+#endif
   });
   return out;
 }
@@ -172,33 +228,33 @@ std::vector<OptionalTensor> backward(const Tensor& u, const Tensor& delta, const
     // The CPU twin gives each task its own copy of the gradients that sum over channels or batch; CUDA adds
     // into a single zeroed copy with atomics.
     int64_t copies = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.batch * p.dim));
-#ifdef MINIJAMBA_WITH_CUDA
-    if (u.is_cuda()) copies = 1;
-#endif
+    if (uses_cuda_kernels(u)) copies = 1;
     const auto shared = [&](const Tensor& like) {
       std::vector<int64_t> shape{copies};
       shape.insert(shape.end(), like.sizes().begin(), like.sizes().end());
       return at::zeros(shape, like.options());
     };
-    const Tensor grad_u = at::empty_like(u), grad_delta = at::empty_like(u);
+    const Tensor grad_u = output_like(u), grad_delta = output_like(u);
     const Tensor grad_A = shared(A), grad_B = shared(B), grad_C = shared(C);
     const OptionalTensor grad_D = D ? OptionalTensor(shared(*D)) : std::nullopt;
-    const OptionalTensor grad_z = z ? OptionalTensor(at::empty_like(u)) : std::nullopt;
+    const OptionalTensor grad_z = z ? OptionalTensor(output_like(u)) : std::nullopt;
     const OptionalTensor grad_bias = delta_bias ? OptionalTensor(shared(*delta_bias)) : std::nullopt;
-    const OptionalTensor grad_initial = initial_state ? OptionalTensor(at::empty_like(*initial_state)) : std::nullopt;
+    const OptionalTensor grad_initial = initial_state ? OptionalTensor(output_like(*initial_state)) : std::nullopt;
     const auto ptr = [](const OptionalTensor& t) { return t ? t->data_ptr<scalar_t>() : nullptr; };
     p.grad_u = grad_u.data_ptr<scalar_t>(), p.grad_delta = grad_delta.data_ptr<scalar_t>();
     p.grad_A = grad_A.data_ptr<scalar_t>(), p.grad_B = grad_B.data_ptr<scalar_t>();
     p.grad_C = grad_C.data_ptr<scalar_t>(), p.grad_D = ptr(grad_D), p.grad_z = ptr(grad_z);
     p.grad_delta_bias = ptr(grad_bias), p.grad_initial_state = ptr(grad_initial);
     if (u.numel() > 0) {
-#ifdef MINIJAMBA_WITH_CUDA
-      if (u.is_cuda()) {
-        const c10::cuda::CUDAGuard guard(u.device());
-        check_launch(selective_scan_backward_cuda(p, c10::cuda::getCurrentCUDAStream()));
-      } else
+#if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
+      if (uses_cuda_kernels(u)) {
+        const DeviceGuard guard(u);
+        check_launch(selective_scan_backward_cuda(p, stream_for(u)));
+      }
 #endif
-        selective_scan_backward_cpu(p, copies);
+#ifndef MINIJAMBA_CUDA_EMULATED
+      if (!uses_cuda_kernels(u)) selective_scan_backward_cpu(p, copies);
+#endif
     }
     const auto summed = [](const OptionalTensor& t) { return t ? OptionalTensor(t->sum(0)) : std::nullopt; };
     grads = {grad_u, grad_delta, summed(grad_A), summed(grad_B), summed(grad_C), summed(grad_D), grad_z,
@@ -232,6 +288,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("delta_bias"), py::arg("initial_state"), py::arg("delta_softplus"), py::arg("chunk_states"),
         py::arg("grad_y"), py::arg("grad_last_state"));
+#ifdef MINIJAMBA_CUDA_EMULATED
+  m.def("set_schedule", &mj_emu::set_schedule,
+        "the order in which the emulator runs a block's threads from now on (see cuda/emulator/cuda_emulator.h)",
+        py::arg("name"), py::arg("seed") = 0);
+  m.def("schedules", &mj_emu::schedules, "the names set_schedule takes");
+#endif
   m.def("cpu_math_float32", &minijamba::cpu_math_float32, "cpu_math.h's exp or log1p, elementwise (for their tests)",
         py::arg("x"), py::arg("function"));
 }

@@ -27,6 +27,12 @@
 
 #include "selective_scan.h"
 
+// The one launch syntax, behind a macro so that cuda/emulator/ can run these kernels on a CPU (it defines
+// MJ_LAUNCH first); under nvcc it is the triple-chevron launch. The kernel goes last: it may hold commas.
+#ifndef MJ_LAUNCH
+#define MJ_LAUNCH(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
+#endif
+
 namespace minijamba {
 namespace {
 
@@ -255,13 +261,13 @@ __global__ void __launch_bounds__(kCudaThreads) backward_kernel(const ScanArgs<T
 
 template <typename T>
 cudaError_t selective_scan_forward_cuda(const ScanArgs<T>& args, cudaStream_t stream) {
-  forward_kernel<T><<<dim3(args.dim, args.batch), kCudaThreads, 0, stream>>>(args);
+  MJ_LAUNCH(dim3(args.dim, args.batch), kCudaThreads, 0, stream, forward_kernel<T>)(args);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t selective_scan_backward_cuda(const ScanArgs<T>& args, cudaStream_t stream) {
-  backward_kernel<T><<<dim3(args.dim, args.batch), kCudaThreads, 0, stream>>>(args);
+  MJ_LAUNCH(dim3(args.dim, args.batch), kCudaThreads, 0, stream, backward_kernel<T>)(args);
   return cudaGetLastError();
 }
 

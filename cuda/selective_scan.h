@@ -18,7 +18,8 @@ void selective_scan_backward_cpu(const ScanArgs<T>& args, int64_t n_tasks);
 
 }  // namespace minijamba
 
-#if defined(MINIJAMBA_WITH_CUDA) || defined(__CUDACC__)
+// MINIJAMBA_WITH_CUDA: a GPU build. MINIJAMBA_CUDA_EMULATED: the same kernels on the CPU through cuda/emulator/.
+#if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED) || defined(__CUDACC__)
 #include <cuda_runtime_api.h>
 
 namespace minijamba {

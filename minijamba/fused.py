@@ -24,14 +24,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BuildError", "CUDA_SOURCES", "KINDS", "load", "kernel_constants", "fused_selective_scan"]
+__all__ = ["BuildError", "CUDA_SOURCES", "DEVICES", "KINDS", "load", "kernel_constants", "fused_selective_scan"]
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
-KINDS = ("cpu", "cuda")
+KINDS = ("cpu", "cuda", "cuda-emulated")
 CUDA_SOURCES = {
     "cpu": ["binding.cpp", "selective_scan_cpu.cpp"],
     "cuda": ["binding.cpp", "selective_scan_cpu.cpp", "selective_scan.cu"],
+    # selective_scan.cu itself, compiled as host C++ under the execution model of cuda/emulator/
+    "cuda-emulated": ["binding.cpp", "emulator/cuda_emulator.cpp", "emulator/selective_scan_emulated.cpp"],
 }
+DEVICES = {"cpu": "cpu", "cuda": "cuda", "cuda-emulated": "cpu"}  # where each kind's tensors live
 # Not -march=native (the binary must run on any x86-64 machine; cpu_math.h dispatches to AVX2 at load time
 # instead) and not -ffast-math (it licenses reordering sums and ignoring NaN and inf). -fno-trapping-math changes
 # no value: it only lets the compiler turn the clamps and ?: choices of cpu_math.h and scan_op.h into vector blends
@@ -55,6 +58,14 @@ def _build(kind):
     if kind == "cpu":
         return cpp_extension.load(
             name="minijamba_scan_cpu", sources=sources, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"]
+        )
+    if kind == "cuda-emulated":
+        return cpp_extension.load(
+            name="minijamba_scan_cuda_emulated",
+            sources=sources,
+            extra_include_paths=[str(CUDA_DIR / "emulator" / "include")],
+            extra_cflags=[*CFLAGS, "-DMINIJAMBA_CUDA_EMULATED"],
+            extra_ldflags=["-fopenmp"],
         )
     if torch.version.cuda is None:
         raise BuildError(

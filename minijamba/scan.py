@@ -18,6 +18,8 @@ so it can be computed as a parallel prefix scan. The implementations:
     "cpu"         the fused C++ kernel (minijamba.fused, cuda/selective_scan_cpu.cpp; lesson 07): each channel's
                   states stay in registers while L streams through; backward recomputes from chunk-start states.
     "cuda"        the fused CUDA kernel (cuda/selective_scan.cu), for CUDA tensors, where it can be built.
+    "cuda-emulated" the same CUDA kernels run on the CPU under CUDA's execution model (cuda/emulator/): slow,
+                  for checking the kernels on machines without a GPU; CPU tensors.
     "auto"        the fused kernel for u's device when it builds; otherwise "chunked", with a one-time warning.
 
 Glossary, in the README's notation (code name — meaning; the Mamba paper's letter where it differs):
@@ -129,7 +131,7 @@ def _scan_chunked(u, delta, A, B, C, x0, chunk=DEFAULT_CHUNK):
 
 
 IMPLS = {"sequential": _scan_sequential, "parallel": _scan_parallel, "chunked": _scan_chunked}
-FUSED_IMPLS = fused.KINDS  # ("cpu", "cuda"): the kernels of cuda/, named after the device they run on
+FUSED_IMPLS = fused.KINDS  # ("cpu", "cuda", "cuda-emulated"): the kernels of cuda/, named after what runs them
 _warned = set()  # the kinds whose failed build "auto" has already warned about
 
 
@@ -192,8 +194,8 @@ def selective_scan(
     tensors = dict(delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
     _check_tensors(u, tensors, impl)
     check_selective_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if impl in FUSED_IMPLS and u.device.type != impl:
-        raise ValueError(f"impl={impl!r} needs tensors on the {impl} device, u is on {u.device}")
+    if impl in FUSED_IMPLS and u.device.type != fused.DEVICES[impl]:
+        raise ValueError(f"impl={impl!r} needs tensors on the {fused.DEVICES[impl]} device, u is on {u.device}")
 
     if impl == "auto":
         impl = _auto_impl(u)
