@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.setup-$(shell cat pyproject.toml requirements.txt | sha256sum
 HEADLESS := MPLBACKEND=Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format lessons student lab figures train sample data-full bench cuda-check clean
+.PHONY: help setup test lint format lessons student lab figures train sample data-full bench cuda-check cuda-check-deps cuda-emulated-asan clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -59,13 +59,44 @@ bench: setup ## run the benchmarks, print their tables, write figures/bench_*.pn
 	$(HEADLESS) $(PY) -m minijamba.bench scan
 	$(HEADLESS) $(PY) -m minijamba.bench decode
 
-# On a GPU machine, with a CUDA build of torch (a CPU-only torch cannot build the .cu: `make cuda-check` says so).
-cuda-check: export CUDA_HOME ?= /usr/local/cuda
-cuda-check: export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
-cuda-check: setup ## on a GPU machine: build the CUDA extension, run CUDA tests and the GPU benchmark
-	$(PY) -c "from minijamba import fused; print('built', fused.load('cuda').__file__)"
-	$(PY) -m pytest tests/test_fused_scan.py -k "cuda" -rs
-	$(PY) -m minijamba.bench scan --impls cuda,cpu,chunked --batch 8 --dim 2048 --lengths 1024,4096 --no-figure
+# On a GPU machine whose Python already has a CUDA torch (the lent ones have no network), installing nothing: PYTHON
+# names that Python (python3 by default), run with this repository on PYTHONPATH, and build/cuda-check-deps too where
+# that folder exists (`make cuda-check-deps` fills it on a machine with a network, to be copied over). The first
+# step says what that Python lacks; the architectures are the visible GPU's (TORCH_CUDA_ARCH_LIST, if set, wins).
+CUDA_DEPS := build/cuda-check-deps
+CUDA_RUN  := env PYTHONPATH=$(CURDIR)$(if $(wildcard $(CUDA_DEPS)),:$(CURDIR)/$(CUDA_DEPS))$(if $(PYTHONPATH),:$(PYTHONPATH)) \
+	$(HEADLESS) $(PYTHON)
+# The Python that `make cuda-check-deps` prepares for, on x86-64 Linux (the lent GPU machines have 3.12): hypothesis
+# ships compiled code, so the folder fits that Python version only.
+CUDA_DEPS_PYTHON ?= 3.12
+
+cuda-check: ## on a GPU machine, installing nothing (PYTHON=...): build, CUDA tests, compute-sanitizer, benchmark
+	@$(CUDA_RUN) -c "import torch" 2>/dev/null || { echo "make cuda-check: $(PYTHON) cannot import torch;" \
+		"name the Python that has a CUDA torch: make cuda-check PYTHON=..."; exit 1; }
+	$(CUDA_RUN) -m minijamba.bench.cuda_check preflight
+	$(CUDA_RUN) -m minijamba.bench.cuda_check build
+	$(CUDA_RUN) -m pytest tests/test_fused_scan.py tests/test_cuda_build.py -k "cuda and not emulated" -rsP
+	$(CUDA_RUN) -m minijamba.bench.cuda_check sanitize
+	$(CUDA_RUN) -m minijamba.bench scan --impls cuda,cpu,chunked --batch 8 --dim 2048 --lengths 1024,4096 --no-figure
+
+cuda-check-deps: setup ## put pinned pytest and hypothesis for CUDA_DEPS_PYTHON in build/cuda-check-deps
+	rm -rf $(CUDA_DEPS)
+	$(PY) -m pip install --quiet --no-compile --target $(CUDA_DEPS) --python-version $(CUDA_DEPS_PYTHON) \
+		--only-binary=:all: -c requirements.txt pytest hypothesis
+	@echo "$(CUDA_DEPS): $$(du -sh $(CUDA_DEPS) | cut -f1); copy it into the checkout on the GPU machine"
+
+# The emulator (cuda/emulator/) and the kernels it runs built with AddressSanitizer and UBSan, under build names of
+# their own (the plain builds stay cached), and the emulated tests run on them. libasan must be the process's first
+# library, so it is preloaded into Python, with libstdc++ (or ASan cannot find the C++ exception machinery it
+# wraps: Python itself does not load it); Python's own allocations are not ours to check (no leak report).
+# --capture=sys: a sanitizer's report goes to the terminal, not into pytest's capture, lost when it aborts.
+ASAN_RUN := MINIJAMBA_SANITIZE=address,undefined \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 $(HEADLESS) $(PY)
+
+cuda-emulated-asan: setup ## the emulated CUDA kernels and their tests under AddressSanitizer + UBSan
+	$(ASAN_RUN) -m pytest --capture=sys tests/test_cuda_emulator.py
+	$(ASAN_RUN) -m pytest --capture=sys tests/test_fused_scan.py -k emulated
 
 clean: ## remove caches and build outputs (keeps .venv)
 	rm -rf build .pytest_cache .hypothesis .ruff_cache

@@ -11,10 +11,13 @@
 // B, C: (dim, N) time-invariant, (batch, N, L) selective or (batch, groups, N, L) grouped.
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_math.h"
@@ -51,31 +54,45 @@ Tensor output_like(const Tensor& like) {
 #endif
 }
 
-Tensor new_output(const Tensor& like, at::IntArrayRef shape) {
+Tensor new_output(const at::TensorOptions& options, at::IntArrayRef shape) {
 #ifdef MINIJAMBA_CUDA_EMULATED
-  return like.new_full(shape, std::numeric_limits<double>::quiet_NaN());
+  return at::full(shape, std::numeric_limits<double>::quiet_NaN(), options);
 #else
-  return like.new_empty(shape);
+  return at::empty(shape, options);
 #endif
 }
 using OptionalTensor = std::optional<Tensor>;
 
 std::string shape_of(const Tensor& t) { return c10::str(t.sizes()); }
 
-void check_like_u(const Tensor& t, const char* name, const Tensor& u) {
+bool is_16_bit(const Tensor& u) { return u.scalar_type() == at::kHalf || u.scalar_type() == at::kBFloat16; }
+
+// The dtype of A, D, delta_bias, the states and the sums over L and channels: float32 for 16-bit u (the official
+// kernel's rule: 16 bits cannot carry a state through thousands of steps), u's own dtype otherwise.
+at::ScalarType state_dtype(const Tensor& u) { return is_16_bit(u) ? at::kFloat : u.scalar_type(); }
+
+// A sequence (delta, z, B, C, grad_y) has u's dtype; a parameter or state (A, D, delta_bias, initial_state,
+// chunk_states, grad_last_state) has state_dtype(u).
+void check_tensor(const Tensor& t, const char* name, const Tensor& u, at::ScalarType dtype) {
   TORCH_CHECK(t.defined(), name, " must be a tensor");
-  TORCH_CHECK(t.scalar_type() == u.scalar_type(), name, " must have u's dtype ", u.scalar_type(), ", got ",
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, " (u is ", u.scalar_type(), "), got ",
               t.scalar_type());
   TORCH_CHECK(t.device() == u.device(), name, " must be on u's device ", u.device(), ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_like_u(const Tensor& t, const char* name, const Tensor& u) { check_tensor(t, name, u, u.scalar_type()); }
+
+void check_like_state(const Tensor& t, const char* name, const Tensor& u) {
+  check_tensor(t, name, u, state_dtype(u));
 }
 
 void check_shape(const Tensor& t, const char* name, at::IntArrayRef expected) {
   TORCH_CHECK(t.sizes() == expected, name, " must have shape ", expected, ", got ", shape_of(t));
 }
 
-// B or C: its layout as a MatrixView (see scan_op.h), after checking it is one of the three shapes.
-MatrixView matrix_view(const Tensor& M, const char* name, int64_t batch, int64_t dim, int64_t N, int64_t L) {
+// B or C: checks it is one of the three shapes.
+void check_matrix(const Tensor& M, const char* name, int64_t batch, int64_t dim, int64_t N, int64_t L) {
   const bool invariant = M.dim() == 2 && M.size(0) == dim && M.size(1) == N;
   const bool selective = M.dim() == 3 && M.size(0) == batch && M.size(1) == N && M.size(2) == L;
   const bool grouped = M.dim() == 4 && M.size(0) == batch && M.size(1) >= 1 && dim % M.size(1) == 0 &&
@@ -83,20 +100,51 @@ MatrixView matrix_view(const Tensor& M, const char* name, int64_t batch, int64_t
   TORCH_CHECK(invariant || selective || grouped, name, " must be (dim, N)=(", dim, ", ", N,
               ") time-invariant, (batch, N, L)=(", batch, ", ", N, ", ", L,
               ") selective, or (batch, groups, N, L) with groups dividing dim=", dim, "; got ", shape_of(M));
-  if (invariant) return {0, N, 1, 0, 1, M.numel()};
-  const int64_t groups = grouped ? M.size(1) : 1;
-  return {groups * N * L, N * L, L, 1, dim / groups, M.numel()};
 }
 
-// Checks every input and returns ScanArgs with the input pointers and sizes filled in.
-template <typename T>
-ScanArgs<T> input_args(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
-                       const OptionalTensor& D, const OptionalTensor& z, const OptionalTensor& delta_bias,
-                       const OptionalTensor& initial_state, bool delta_softplus, int64_t chunk) {
+// A checked B or C as a MatrixView (see scan_op.h). Its rows (the last dimension) may be longer than L: padded.
+MatrixView matrix_view(const Tensor& M, int64_t dim) {
+  if (M.dim() == 2) return {0, M.size(1), 1, 0, 1, M.numel()};
+  const int64_t groups = M.dim() == 4 ? M.size(1) : 1, N = M.size(-2), row = M.size(-1);
+  return {groups * N * row, N * row, row, 1, dim / groups, M.numel()};
+}
+
+// The B or C the kernels read. The CUDA kernels load a time-varying one a whole warp's run at a time with no
+// bounds checks (selective_scan.cu): unless its rows are already whole chunks and 16-byte aligned, they get a
+// copy padded with zeros to whole chunks. The CPU twin reads B and C as they are.
+Tensor kernel_matrix(const Tensor& M, [[maybe_unused]] const Tensor& u) {
+#if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
+  if (uses_cuda_kernels(u) && M.dim() > 2) {
+    const int64_t L = M.size(-1), whole = (L + kCudaChunk - 1) / kCudaChunk * kCudaChunk;
+    if (L != whole || reinterpret_cast<std::uintptr_t>(M.data_ptr()) % 16 != 0) {
+      return at::constant_pad_nd(M, {0, whole - L});  // a fresh tensor, aligned, even when nothing is added
+    }
+  }
+#endif
+  return M;
+}
+
+template <typename X>
+X* pointer(const Tensor& t) {  // the dtype was checked: at::Half and __half, for one, are the same 16 bits
+  return static_cast<X*>(t.data_ptr());
+}
+
+// ScanArgs with the input pointers and sizes filled in, and the B and C they point into (kernel_matrix).
+template <typename T, typename In>
+struct Inputs {
+  ScanArgs<T, In> p;
+  Tensor B, C;
+};
+
+// Checks every input and returns the kernels' view of them.
+template <typename T, typename In>
+Inputs<T, In> input_args(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                         const OptionalTensor& D, const OptionalTensor& z, const OptionalTensor& delta_bias,
+                         const OptionalTensor& initial_state, bool delta_softplus, int64_t chunk) {
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.dim() == 2 ? A.size(1) : 0;
   check_like_u(delta, "delta", u);
   check_shape(delta, "delta", u.sizes());
-  check_like_u(A, "A", u);
+  check_like_state(A, "A", u);
   TORCH_CHECK(A.dim() == 2 && A.size(0) == dim && N >= 1, "A must have shape (dim=", dim, ", N >= 1), got ",
               shape_of(A));
 #if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
@@ -105,32 +153,35 @@ ScanArgs<T> input_args(const Tensor& u, const Tensor& delta, const Tensor& A, co
 #endif
   check_like_u(B, "B", u);
   check_like_u(C, "C", u);
-  ScanArgs<T> p{};
-  p.B_view = matrix_view(B, "B", batch, dim, N, L);
-  p.C_view = matrix_view(C, "C", batch, dim, N, L);
-  const auto optional = [&](const OptionalTensor& t, const char* name, at::IntArrayRef shape) -> const T* {
-    if (!t.has_value()) return nullptr;
-    check_like_u(*t, name, u);
+  check_matrix(B, "B", batch, dim, N, L);
+  check_matrix(C, "C", batch, dim, N, L);
+  Inputs<T, In> inputs{{}, kernel_matrix(B, u), kernel_matrix(C, u)};
+  ScanArgs<T, In>& p = inputs.p;
+  p.B_view = matrix_view(inputs.B, dim);
+  p.C_view = matrix_view(inputs.C, dim);
+  const auto optional = [&](const OptionalTensor& t, const char* name, at::IntArrayRef shape, bool sequence) {
+    if (!t.has_value()) return static_cast<void*>(nullptr);
+    sequence ? check_like_u(*t, name, u) : check_like_state(*t, name, u);
     check_shape(*t, name, shape);
-    return t->data_ptr<T>();
+    return t->data_ptr();
   };
-  p.D = optional(D, "D", {dim});
-  p.z = optional(z, "z", u.sizes());
-  p.delta_bias = optional(delta_bias, "delta_bias", {dim});
-  p.initial_state = optional(initial_state, "initial_state", {batch, dim, N});
+  p.D = static_cast<const T*>(optional(D, "D", {dim}, false));
+  p.z = static_cast<const In*>(optional(z, "z", u.sizes(), true));
+  p.delta_bias = static_cast<const T*>(optional(delta_bias, "delta_bias", {dim}, false));
+  p.initial_state = static_cast<const T*>(optional(initial_state, "initial_state", {batch, dim, N}, false));
   p.batch = batch, p.dim = dim, p.length = L, p.d_state = N;
   p.chunk = chunk, p.n_chunks = (L + chunk - 1) / chunk;
   p.delta_softplus = delta_softplus;
-  p.u = u.data_ptr<T>(), p.delta = delta.data_ptr<T>(), p.A = A.data_ptr<T>();
-  p.B = B.data_ptr<T>(), p.C = C.data_ptr<T>();
-  return p;
+  p.u = pointer<const In>(u), p.delta = pointer<const In>(delta), p.A = pointer<const T>(A);
+  p.B = pointer<const In>(inputs.B), p.C = pointer<const In>(inputs.C);
+  return inputs;
 }
 
 void check_u(const Tensor& u) {
   TORCH_CHECK(u.defined(), "u must be a tensor");
   TORCH_CHECK(u.dim() == 3 && u.size(2) >= 1, "u must have shape (batch, dim, L) with L >= 1, got ", shape_of(u));
-  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble, "u must be float32 or float64, got ",
-              u.scalar_type());
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble || is_16_bit(u),
+              "u must be float16, bfloat16, float32 or float64, got ", u.scalar_type());
   TORCH_CHECK(u.is_contiguous(), "u must be contiguous");
 #if defined(MINIJAMBA_WITH_CUDA)
   TORCH_CHECK(u.is_cpu() || u.is_cuda(), "u must be on the CPU or a CUDA device, got ", u.device());
@@ -141,6 +192,49 @@ void check_u(const Tensor& u) {
 #endif
 }
 
+// The dtype, device and contiguity of every tensor argument (the shapes come later): checked before a 16-bit call
+// to the CPU twin widens its inputs, which would hide a wrong dtype.
+void check_tensors(const Tensor& u, const std::vector<std::pair<const char*, const OptionalTensor*>>& sequences,
+                  const std::vector<std::pair<const char*, const OptionalTensor*>>& states) {
+  for (const auto& [name, t] : sequences) {
+    if (t->has_value()) check_like_u(**t, name, u);
+  }
+  for (const auto& [name, t] : states) {
+    if (t->has_value()) check_like_state(**t, name, u);
+  }
+}
+
+OptionalTensor widened(const OptionalTensor& t) { return t ? OptionalTensor(t->to(at::kFloat)) : std::nullopt; }
+
+OptionalTensor narrowed(const OptionalTensor& t, at::ScalarType dtype) {
+  return t ? OptionalTensor(t->to(dtype)) : std::nullopt;
+}
+
+// The element types of u's dtype: body(KernelTypes<T, In>{}) with In the sequences' type and T the compute type.
+template <typename ComputeT, typename InputT>
+struct KernelTypes {
+  using T = ComputeT;
+  using In = InputT;
+};
+
+template <typename Body>
+void dispatch(const Tensor& u, Body&& body) {
+  switch (u.scalar_type()) {
+    case at::kDouble:
+      return body(KernelTypes<double, double>{});
+    case at::kFloat:
+      return body(KernelTypes<float, float>{});
+#if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
+    case at::kHalf:
+      return body(KernelTypes<float, __half>{});
+    case at::kBFloat16:
+      return body(KernelTypes<float, __nv_bfloat16>{});
+#endif
+    default:
+      TORCH_CHECK(false, "u must be float32 or float64 here, got ", u.scalar_type());
+  }
+}
+
 int64_t chunk_for(const Tensor& u) {
 #if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
   if (uses_cuda_kernels(u)) return kCudaChunk;
@@ -149,6 +243,15 @@ int64_t chunk_for(const Tensor& u) {
 }
 
 #if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
+// The grid is (dim, batch) blocks (selective_scan.cu): CUDA allows 2^31 - 1 blocks along x, 65535 along y.
+template <typename T, typename In>
+void check_launch_limits(const ScanArgs<T, In>& p) {
+  TORCH_CHECK(p.batch <= 65535, "u must have batch <= 65535 on the CUDA kernels (one block row per batch element, ",
+              "and a grid has at most 65535 rows), got batch=", p.batch);
+  TORCH_CHECK(p.dim < (int64_t{1} << 31), "u must have dim < 2^31 on the CUDA kernels (one block per channel), ",
+              "got dim=", p.dim);
+}
+
 void check_launch(cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, "selective scan CUDA launch failed: ", cudaGetErrorString(error));
 }
@@ -174,91 +277,137 @@ struct DeviceGuard {
 #endif
 
 // y, last_state and (if save_chunk_states, for the backward) the state at the start of every chunk:
-// (batch, dim, ceil(L / chunk), N).
+// (batch, dim, ceil(L / chunk), N). The states are float32 for 16-bit u, y has u's dtype.
 std::vector<Tensor> forward(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                             const OptionalTensor& D, const OptionalTensor& z, const OptionalTensor& delta_bias,
                             const OptionalTensor& initial_state, bool delta_softplus, bool save_chunk_states) {
   check_u(u);
+  const OptionalTensor delta_ = delta, A_ = A, B_ = B, C_ = C;
+  check_tensors(u, {{"delta", &delta_}, {"B", &B_}, {"C", &C_}, {"z", &z}},
+               {{"A", &A_}, {"D", &D}, {"delta_bias", &delta_bias}, {"initial_state", &initial_state}});
+  if (is_16_bit(u) && !uses_cuda_kernels(u)) {
+    // The CPU twin computes in float32 and float64 only: 16-bit sequences are widened to float32 here and y is
+    // rounded back, which is what the CUDA kernels do element by element (the states are float32 either way).
+    std::vector<Tensor> out = forward(u.to(at::kFloat), delta.to(at::kFloat), A, B.to(at::kFloat),
+                                      C.to(at::kFloat), D, widened(z), delta_bias, initial_state, delta_softplus,
+                                      save_chunk_states);
+    out[0] = out[0].to(u.scalar_type());
+    return out;
+  }
   std::vector<Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_forward", [&] {
-    auto p = input_args<scalar_t>(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_for(u));
-    const Tensor y = output_like(u), last_state = new_output(u, {p.batch, p.dim, p.d_state});
-    const Tensor chunk_states = save_chunk_states ? new_output(u, {p.batch, p.dim, p.n_chunks, p.d_state})
-                                                  : u.new_empty({0});
-    p.y = y.data_ptr<scalar_t>(), p.last_state = last_state.data_ptr<scalar_t>();
-    p.chunk_states = save_chunk_states ? chunk_states.data_ptr<scalar_t>() : nullptr;
+  dispatch(u, [&](auto types) {
+    using T = typename decltype(types)::T;
+    using In = typename decltype(types)::In;
+    Inputs<T, In> inputs =
+        input_args<T, In>(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_for(u));
+    ScanArgs<T, In>& p = inputs.p;
+    const auto states = u.options().dtype(state_dtype(u));
+    const Tensor y = output_like(u), last_state = new_output(states, {p.batch, p.dim, p.d_state});
+    const Tensor chunk_states = save_chunk_states ? new_output(states, {p.batch, p.dim, p.n_chunks, p.d_state})
+                                                  : at::empty({0}, states);
+    p.y = pointer<In>(y), p.last_state = pointer<T>(last_state);
+    p.chunk_states = save_chunk_states ? pointer<T>(chunk_states) : nullptr;
     out = {y, last_state, chunk_states};
     if (u.numel() == 0) return;
 #if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
     if (uses_cuda_kernels(u)) {
+      check_launch_limits(p);
       const DeviceGuard guard(u);
-      check_launch(selective_scan_forward_cuda(p, stream_for(u)));
+      check_launch(selective_scan_forward_cuda<In>(p, stream_for(u)));
       return;
     }
 #endif
 #ifndef MINIJAMBA_CUDA_EMULATED  // that build has no CPU twin: every tensor went to the kernels above
-    selective_scan_forward_cpu(p);
+    if constexpr (std::is_same_v<T, In>) selective_scan_forward_cpu(p);
 #endif
   });
   return out;
 }
 
-// Gradients of (u, delta, A, B, C, D, z, delta_bias, initial_state); None where the input was None.
+// Gradients of (u, delta, A, B, C, D, z, delta_bias, initial_state); None where the input was None. Each has its
+// input's dtype.
 std::vector<OptionalTensor> backward(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                                      const Tensor& C, const OptionalTensor& D, const OptionalTensor& z,
                                      const OptionalTensor& delta_bias, const OptionalTensor& initial_state,
                                      bool delta_softplus, const Tensor& chunk_states, const Tensor& grad_y,
                                      const OptionalTensor& grad_last_state) {
   check_u(u);
+  const OptionalTensor delta_ = delta, A_ = A, B_ = B, C_ = C, chunk_states_ = chunk_states, grad_y_ = grad_y;
+  check_tensors(u, {{"delta", &delta_}, {"B", &B_}, {"C", &C_}, {"z", &z}, {"grad_y", &grad_y_}},
+               {{"A", &A_}, {"D", &D}, {"delta_bias", &delta_bias}, {"initial_state", &initial_state},
+                {"chunk_states", &chunk_states_}, {"grad_last_state", &grad_last_state}});
+  if (is_16_bit(u) && !uses_cuda_kernels(u)) {  // widened for the CPU twin as in forward, gradients rounded back
+    const at::ScalarType dtype = u.scalar_type();
+    std::vector<OptionalTensor> grads =
+        backward(u.to(at::kFloat), delta.to(at::kFloat), A, B.to(at::kFloat), C.to(at::kFloat), D, widened(z),
+                 delta_bias, initial_state, delta_softplus, chunk_states, grad_y.to(at::kFloat), grad_last_state);
+    for (const int i : {0, 1, 3, 4, 6}) grads[i] = narrowed(grads[i], dtype);  // u, delta, B, C, z
+    return grads;
+  }
   std::vector<OptionalTensor> grads;
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_backward", [&] {
-    auto p = input_args<scalar_t>(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_for(u));
-    check_like_u(chunk_states, "chunk_states", u);
+  dispatch(u, [&](auto types) {
+    using T = typename decltype(types)::T;
+    using In = typename decltype(types)::In;
+    Inputs<T, In> inputs =
+        input_args<T, In>(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_for(u));
+    ScanArgs<T, In>& p = inputs.p;
+    check_like_state(chunk_states, "chunk_states", u);
     check_shape(chunk_states, "chunk_states", {p.batch, p.dim, p.n_chunks, p.d_state});
     check_like_u(grad_y, "grad_y", u);
     check_shape(grad_y, "grad_y", u.sizes());
-    p.chunk_states = chunk_states.data_ptr<scalar_t>();
-    p.grad_y = grad_y.data_ptr<scalar_t>();
+    p.chunk_states = pointer<T>(chunk_states);
+    p.grad_y = pointer<const In>(grad_y);
     if (grad_last_state.has_value()) {
-      check_like_u(*grad_last_state, "grad_last_state", u);
+      check_like_state(*grad_last_state, "grad_last_state", u);
       check_shape(*grad_last_state, "grad_last_state", {p.batch, p.dim, p.d_state});
-      p.grad_last_state = grad_last_state->data_ptr<scalar_t>();
+      p.grad_last_state = pointer<const T>(*grad_last_state);
     }
 
-    // The CPU twin gives each task its own copy of the gradients that sum over channels or batch; CUDA adds
-    // into a single zeroed copy with atomics.
-    int64_t copies = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.batch * p.dim));
-    if (uses_cuda_kernels(u)) copies = 1;
-    const auto shared = [&](const Tensor& like) {
-      std::vector<int64_t> shape{copies};
+    // The gradients that sum over channels or batch come in copies, summed below. The CPU twin gives each task
+    // its own zeroed copy. The CUDA kernels write one copy per batch element, each slot once (the
+    // time-invariant ones), or add into one zeroed copy with atomics (a selective or grouped B, C, shaped like
+    // the padded inputs.B, inputs.C: see selective_scan.h). All of them are in the compute type, and rounded to
+    // B's and C's dtype once summed.
+    const auto states = u.options().dtype(state_dtype(u));
+    const bool on_cuda = uses_cuda_kernels(u);
+    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.batch * p.dim));
+    const auto copies = [&](const Tensor& like, bool per_block) {
+      std::vector<int64_t> shape{on_cuda ? (per_block ? p.batch : 1) : tasks};
       shape.insert(shape.end(), like.sizes().begin(), like.sizes().end());
-      return at::zeros(shape, like.options());
+      return on_cuda && per_block ? new_output(states, shape) : at::zeros(shape, states);
     };
     const Tensor grad_u = output_like(u), grad_delta = output_like(u);
-    const Tensor grad_A = shared(A), grad_B = shared(B), grad_C = shared(C);
-    const OptionalTensor grad_D = D ? OptionalTensor(shared(*D)) : std::nullopt;
+    const Tensor grad_A = copies(A, true), grad_B = copies(inputs.B, B.dim() == 2);
+    const Tensor grad_C = copies(inputs.C, C.dim() == 2);
+    const OptionalTensor grad_D = D ? OptionalTensor(copies(*D, true)) : std::nullopt;
     const OptionalTensor grad_z = z ? OptionalTensor(output_like(u)) : std::nullopt;
-    const OptionalTensor grad_bias = delta_bias ? OptionalTensor(shared(*delta_bias)) : std::nullopt;
+    const OptionalTensor grad_bias = delta_bias ? OptionalTensor(copies(*delta_bias, true)) : std::nullopt;
     const OptionalTensor grad_initial = initial_state ? OptionalTensor(output_like(*initial_state)) : std::nullopt;
-    const auto ptr = [](const OptionalTensor& t) { return t ? t->data_ptr<scalar_t>() : nullptr; };
-    p.grad_u = grad_u.data_ptr<scalar_t>(), p.grad_delta = grad_delta.data_ptr<scalar_t>();
-    p.grad_A = grad_A.data_ptr<scalar_t>(), p.grad_B = grad_B.data_ptr<scalar_t>();
-    p.grad_C = grad_C.data_ptr<scalar_t>(), p.grad_D = ptr(grad_D), p.grad_z = ptr(grad_z);
-    p.grad_delta_bias = ptr(grad_bias), p.grad_initial_state = ptr(grad_initial);
+    const auto ptr_in = [](const OptionalTensor& t) { return t ? pointer<In>(*t) : nullptr; };
+    const auto ptr_t = [](const OptionalTensor& t) { return t ? pointer<T>(*t) : nullptr; };
+    p.grad_u = pointer<In>(grad_u), p.grad_delta = pointer<In>(grad_delta), p.grad_z = ptr_in(grad_z);
+    p.grad_A = pointer<T>(grad_A), p.grad_B = pointer<T>(grad_B), p.grad_C = pointer<T>(grad_C);
+    p.grad_D = ptr_t(grad_D), p.grad_delta_bias = ptr_t(grad_bias), p.grad_initial_state = ptr_t(grad_initial);
     if (u.numel() > 0) {
 #if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
-      if (uses_cuda_kernels(u)) {
+      if (on_cuda) {
+        check_launch_limits(p);
         const DeviceGuard guard(u);
-        check_launch(selective_scan_backward_cuda(p, stream_for(u)));
+        check_launch(selective_scan_backward_cuda<In>(p, stream_for(u)));
       }
 #endif
 #ifndef MINIJAMBA_CUDA_EMULATED
-      if (!uses_cuda_kernels(u)) selective_scan_backward_cpu(p, copies);
+      if constexpr (std::is_same_v<T, In>) {
+        if (!on_cuda) selective_scan_backward_cpu(p, tasks);
+      }
 #endif
     }
     const auto summed = [](const OptionalTensor& t) { return t ? OptionalTensor(t->sum(0)) : std::nullopt; };
-    grads = {grad_u, grad_delta, summed(grad_A), summed(grad_B), summed(grad_C), summed(grad_D), grad_z,
-             summed(grad_bias), grad_initial};
+    const auto matrix_grad = [&](const Tensor& copies, const Tensor& M) {  // without the padding, in M's dtype
+      return OptionalTensor(copies.sum(0).narrow(-1, 0, M.size(-1)).to(M.scalar_type()));
+    };
+    grads = {grad_u,         grad_delta, summed(grad_A), matrix_grad(grad_B, B), matrix_grad(grad_C, C),
+             summed(grad_D), grad_z,     summed(grad_bias), grad_initial};
   });
   return grads;
 }

@@ -104,7 +104,10 @@ struct MatrixView {
 
 // Everything a forward or backward launch needs: sizes, raw pointers (contiguous), and the options.
 // Optional inputs (D, z, delta_bias, initial_state, grad_last_state) are nullptr when absent.
-template <typename T>
+// T is the type every sum and state is computed in; In the type of the sequences u, delta, z, B, C, y and their
+// gradients, which the CUDA kernels also take in 16 bits (In = __half or __nv_bfloat16 with T = float, as the
+// official kernel does). The CPU twin has In = T.
+template <typename T, typename In = T>
 struct ScanArgs {
   int64_t batch, dim, length, d_state;
   int64_t chunk;     // steps between saved states: chunk_states[b, d, c] is the state before step c·chunk
@@ -112,13 +115,22 @@ struct ScanArgs {
   bool delta_softplus;
   MatrixView B_view, C_view;
 
-  const T *u, *delta, *A, *B, *C, *D, *z, *delta_bias, *initial_state;
-  T *y, *last_state, *chunk_states;  // outputs of the forward; chunk_states nullptr when not saved
+  const In *u, *delta;
+  const T* A;
+  const In *B, *C;
+  const T* D;
+  const In* z;
+  const T *delta_bias, *initial_state;
+  In* y;                         // output of the forward
+  T *last_state, *chunk_states;  // the forward's states; chunk_states nullptr when not saved
 
   // backward only: incoming gradients and the gradients it writes (gradients of absent inputs are nullptr)
-  const T *grad_y, *grad_last_state;
-  T *grad_u, *grad_delta, *grad_z, *grad_initial_state;
-  // gradients summed over batch or channels; the CPU twin gives each task its own copy (see the .cpp)
+  const In* grad_y;
+  const T* grad_last_state;
+  In *grad_u, *grad_delta, *grad_z;
+  T* grad_initial_state;
+  // gradients summed over batch or channels, in T whatever In is: the CPU twin gives each task its own copy (see
+  // the .cpp), the CUDA kernels one copy per batch element or one shared copy (see selective_scan.h)
   T *grad_A, *grad_B, *grad_C, *grad_D, *grad_delta_bias;
 };
 

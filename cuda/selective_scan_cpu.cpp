@@ -20,6 +20,12 @@
 // or a sum over n of tiles, each a loop that vectorizes. Sums run in one fixed order (over n from 0, over t from
 // the last step), so a run repeats bit for bit. The maths of a step is in scan_op.h, shared with CUDA.
 //
+// The gradients of A, D, delta_bias and time-invariant B and C are sums over all L steps. Added one term at a time
+// into one running total, each addition rounds relative to the total, and the error of L additions grows like
+// sqrt(L)·eps (measured: dD 8× less accurate than torch's sum at L = 2048). So they are summed blocked: each
+// chunk's terms into a partial sum of at most 64 terms, and the partial into the running total, which then takes
+// L / 64 roundings instead of L, as the chunked torch scan's autograd does (python -m minijamba.bench accuracy).
+//
 // Every loop is plain arithmetic on arrays: the float32 path is compiled for AVX2 and for any x86-64 and picked
 // at load time (MJ_VECTORIZE, cpu_math.h), so that the compiler vectorizes it at the width the CPU has.
 #include <ATen/Parallel.h>
@@ -85,10 +91,11 @@ struct Channel {
 
 // One task's scratch for a chunk of steps t0 + k, k < chunk: dt[k], dt_u[k] = dt[k]·u, decays and drives
 // [k·N + n], the states tile [k·N + n] (the state before step k, k = 0..chunk) and the readout pre[k]; for the
-// backward, the tile grad_x [k·N + n] and, per step, the gradients of the pre-gate output, of dt and of dt·u.
+// backward, the tile grad_x [k·N + n], per step the gradients of the pre-gate output, of dt and of dt·u, and the
+// chunk's partial sums of grad_A [n].
 template <typename T>
 struct Workspace {
-  std::vector<T> dt, dt_u, decays, drives, states, pre, grad_x, grad_pre, grad_dt, grad_dt_u;
+  std::vector<T> dt, dt_u, decays, drives, states, pre, grad_x, grad_pre, grad_dt, grad_dt_u, grad_A_chunk;
   explicit Workspace(const ScanArgs<T>& p)
       : dt(p.chunk),
         dt_u(p.chunk),
@@ -99,7 +106,8 @@ struct Workspace {
         grad_x(p.chunk * p.d_state),
         grad_pre(p.chunk),
         grad_dt(p.chunk),
-        grad_dt_u(p.chunk) {}
+        grad_dt_u(p.chunk),
+        grad_A_chunk(p.d_state) {}
 };
 
 // Steps 1-3 for steps t0..t1-1 of a channel; w.states[0..N) must hold the state before t0.
@@ -218,8 +226,8 @@ void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64
       }
     }
 
-    // C and B: grad_C[n, t] += gp_t·x_t[n], grad_B[n, t] += gx_t[n]·dt_t·u_t (time-invariant: summed over t, from
-    // the last step); dt·u: gdt_u[k] = Σ_n gx_k[n]·B_k[n], summed from n = 0.
+    // C and B: grad_C[n, t] += gp_t·x_t[n], grad_B[n, t] += gx_t[n]·dt_t·u_t (time-invariant: the chunk's terms
+    // summed from its last step, then added to the total); dt·u: gdt_u[k] = Σ_n gx_k[n]·B_k[n], summed from n = 0.
     std::fill_n(gdt_u, steps, T(0));
     for (int64_t n = 0; n < N; ++n) {
       T *grad_C_n = grad_C + n * ch.Cn + t0 * ch.Ct, *grad_B_n = grad_B + n * ch.Bn + t0 * ch.Bt;
@@ -227,7 +235,9 @@ void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64
       if (ch.Ct == 1) {
         for (int64_t k = 0; k < steps; ++k) grad_C_n[k] += gp[k] * x_after[k * N];
       } else {
-        for (int64_t k = steps - 1; k >= 0; --k) grad_C_n[0] += gp[k] * x_after[k * N];
+        T chunk_sum = 0;
+        for (int64_t k = steps - 1; k >= 0; --k) chunk_sum += gp[k] * x_after[k * N];
+        grad_C_n[0] += chunk_sum;
       }
       if (ch.Bt == 1) {
         for (int64_t k = 0; k < steps; ++k) {
@@ -235,21 +245,27 @@ void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64
           gdt_u[k] += gx_n[k * N] * B_n[k];
         }
       } else {
-        for (int64_t k = steps - 1; k >= 0; --k) grad_B_n[0] += gx_n[k * N] * w.dt_u[k];
+        T chunk_sum = 0;
+        for (int64_t k = steps - 1; k >= 0; --k) chunk_sum += gx_n[k * N] * w.dt_u[k];
+        grad_B_n[0] += chunk_sum;
         for (int64_t k = 0; k < steps; ++k) gdt_u[k] += gx_n[k * N] * B_n[0];
       }
     }
 
-    // The exponent dt·A of a = e^(dt·A): its gradient gx·x_before·a overwrites gx; then A (summed over t from
-    // the last step) and dt (summed over n from 0).
+    // The exponent dt·A of a = e^(dt·A): its gradient gx·x_before·a overwrites gx; then A (the chunk's terms
+    // summed from its last step, then added to the total) and dt (summed over n from 0).
     for (int64_t i = 0; i < steps * N; ++i) gx[i] = gx[i] * x_before[i] * a[i];
+    T* __restrict grad_A_chunk = w.grad_A_chunk.data();
+    std::fill_n(grad_A_chunk, N, T(0));
     for (int64_t k = steps - 1; k >= 0; --k)
-      for (int64_t n = 0; n < N; ++n) grad_A[n] += gx[k * N + n] * w.dt[k];
+      for (int64_t n = 0; n < N; ++n) grad_A_chunk[n] += gx[k * N + n] * w.dt[k];
+    for (int64_t n = 0; n < N; ++n) grad_A[n] += grad_A_chunk[n];
     std::fill_n(gdt, steps, T(0));
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < steps; ++k) gdt[k] += gx[k * N + n] * ch.A[n];
 
-    // u and delta (through dt = softplus(delta + bias)); D and delta_bias summed over t from the last step.
+    // u and delta (through dt = softplus(delta + bias)); D and delta_bias: the chunk's terms summed from its last
+    // step, then added to the totals.
     T *__restrict grad_u = p.grad_u + ch.row + t0, *__restrict grad_delta = p.grad_delta + ch.row + t0;
     const T *__restrict delta = ch.delta + t0, *__restrict dt = w.dt.data(), D = ch.D, bias = ch.bias;
     for (int64_t k = 0; k < steps; ++k) grad_u[k] = gp[k] * D + gdt_u[k] * dt[k];
@@ -257,10 +273,13 @@ void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64
     if (p.delta_softplus) {
       for (int64_t k = 0; k < steps; ++k) grad_delta[k] *= step_size_grad(delta[k], bias, true);
     }
+    T chunk_D = 0, chunk_bias = 0;
     for (int64_t k = steps - 1; k >= 0; --k) {
-      grad_D += gp[k] * u[k];
-      grad_bias += grad_delta[k];
+      chunk_D += gp[k] * u[k];
+      chunk_bias += grad_delta[k];
     }
+    grad_D += chunk_D;
+    grad_bias += chunk_bias;
   }
   if (g.D) g.D[d] += grad_D;
   if (g.delta_bias) g.delta_bias[d] += grad_bias;

@@ -11,7 +11,8 @@ Both backward passes recompute the states chunk by chunk from the states the for
 so training memory is O(L / chunk · N) per channel on top of the inputs and outputs.
 
 `load("cpu")` / `load("cuda")` build an extension with torch.utils.cpp_extension on the first call (about 25 s
-for the CPU one; cached in TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default, afterwards). A failed
+for the CPU one; cached in TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default, afterwards; the CUDA one
+under a name that says which torch, CUDA and GPU architectures it was built for: cuda_build_name). A failed
 build raises BuildError, and is remembered so a process tries only once.
 
 Glossary (code name — Mamba paper): u — x;  delta — Δ;  A, B, C, D — A, B, C, D;  z — the gate branch;
@@ -24,15 +25,30 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BuildError", "CUDA_SOURCES", "DEVICES", "KINDS", "load", "kernel_constants", "fused_selective_scan"]
+__all__ = [
+    "BuildError",
+    "CUDA_SOURCES",
+    "EMULATOR_SOURCES",
+    "build_emulated",
+    "DEVICES",
+    "KINDS",
+    "load",
+    "kernel_constants",
+    "fused_selective_scan",
+    "cuda_arch_list",
+    "cuda_build_name",
+    "nvcc_arch_flags",
+]
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
 KINDS = ("cpu", "cuda", "cuda-emulated")
+# CUDA's execution model on the CPU (cuda/emulator/cuda_emulator.h): the scheduler, and the finder of __shared__
+EMULATOR_SOURCES = ["emulator/cuda_emulator.cpp", "emulator/shared_memory.cpp"]
 CUDA_SOURCES = {
     "cpu": ["binding.cpp", "selective_scan_cpu.cpp"],
     "cuda": ["binding.cpp", "selective_scan_cpu.cpp", "selective_scan.cu"],
     # selective_scan.cu itself, compiled as host C++ under the execution model of cuda/emulator/
-    "cuda-emulated": ["binding.cpp", "emulator/cuda_emulator.cpp", "emulator/selective_scan_emulated.cpp"],
+    "cuda-emulated": ["binding.cpp", *EMULATOR_SOURCES, "emulator/selective_scan_emulated.cpp"],
 }
 DEVICES = {"cpu": "cpu", "cuda": "cuda", "cuda-emulated": "cpu"}  # where each kind's tensors live
 # Not -march=native (the binary must run on any x86-64 machine; cpu_math.h dispatches to AVX2 at load time
@@ -40,8 +56,13 @@ DEVICES = {"cpu": "cpu", "cuda": "cuda", "cuda-emulated": "cpu"}  # where each k
 # no value: it only lets the compiler turn the clamps and ?: choices of cpu_math.h and scan_op.h into vector blends
 # (floating-point traps are masked in torch anyway), without which those loops do not vectorize.
 CFLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]
-# Without a GPU to ask, nvcc must be told which architectures to build: Ampere (A100) and Hopper (H100/H200).
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Without a GPU to ask, nvcc must be told which architectures to build, as TORCH_CUDA_ARCH_LIST spells them:
+# Turing 7.5 (the T4 of Colab's free tier), Ampere 8.0 (A100) and 8.6 (RTX 30xx, A10), Ada 8.9 (RTX 40xx, L4),
+# Hopper 9.0 (H100, H200). "+PTX" embeds the compute_90 PTX as well: on a GPU newer than all of these (Blackwell)
+# the driver compiles it at load time, with none of that chip's own instructions but no "no kernel image" error.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+# nvcc's flags for selective_scan.cu, besides the architectures; tests/test_cuda_build.py compiles with these too.
+CUDA_CFLAGS = ["-O3", "-std=c++17"]
 
 
 class BuildError(RuntimeError):
@@ -49,6 +70,100 @@ class BuildError(RuntimeError):
 
 
 _built = {}  # kind -> the loaded module, or the BuildError its build raised
+
+
+def cuda_arch_list():
+    """The architectures the CUDA extension is built for, as TORCH_CUDA_ARCH_LIST spells them.
+
+    The variable itself where it is set; else, where torch sees GPUs, theirs (what torch then builds for: each
+    card's compute capability, +PTX on the highest); else DEFAULT_CUDA_ARCHS."""
+    chosen = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if chosen and chosen != "native":  # torch reads "native" as "the visible cards", as it does an unset variable
+        return chosen
+    if torch.cuda.is_available():
+        cards = sorted({tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in cards) + "+PTX"
+    return DEFAULT_CUDA_ARCHS
+
+
+def cuda_build_name(arch_list):
+    """The CUDA extension's name, which says what it is built for: torch's version, CUDA's, and arch_list.
+
+    torch caches a build in TORCH_EXTENSIONS_DIR under its name and loads it again while the sources and flags are
+    unchanged, but TORCH_CUDA_ARCH_LIST is not among what it compares: under one fixed name, a build cached on one
+    machine (or in a shared home directory) would be loaded on a different GPU, to fail there with "no kernel image
+    is available", and one made by another torch would be loaded against the wrong ABI. One name per (torch, CUDA,
+    architectures) gives each its own build."""
+    built_for = f"torch{torch.__version__}_cuda{torch.version.cuda}_arch{arch_list}"
+    return "minijamba_scan_cuda_" + re.sub(r"\W", "_", built_for)  # an identifier: it names the Python module
+
+
+def nvcc_arch_flags(arch_list):
+    """nvcc's -gencode flags for a TORCH_CUDA_ARCH_LIST value, as torch derives them: machine code (SASS) for each
+    X.Y, and for X.Y+PTX the compute_XY PTX as well. For compiling the .cu with nvcc alone (tests/test_cuda_build.py,
+    minijamba.bench.sass); torch's named architectures ("Hopper") are not accepted here."""
+    flags = []
+    for arch in arch_list.replace(";", " ").split():
+        number = arch.removesuffix("+PTX").replace(".", "")
+        if not re.fullmatch(r"\d+a?", number):
+            raise ValueError(f"arch_list: {arch!r} is not X.Y or X.Y+PTX")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return flags
+
+
+def _emulator_flags():
+    """(compiler flags, linker flags, name suffix) for the builds under cuda/emulator/.
+
+    MINIJAMBA_SANITIZE=address,undefined (what `make cuda-emulated-asan` sets) builds them with those sanitizers,
+    at -O1 with debug information for readable reports, stopping at the first error, under a name of their own so
+    that the plain build stays cached. The process must then start with libasan loaded first (LD_PRELOAD)."""
+    sanitize = os.environ.get("MINIJAMBA_SANITIZE", "").strip()
+    if not sanitize:
+        return CFLAGS, ["-fopenmp"], ""
+    if not re.fullmatch(r"[a-z]+(,[a-z]+)*", sanitize):
+        raise BuildError(f"MINIJAMBA_SANITIZE must be a list such as address,undefined, got {sanitize!r}")
+    flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+    cflags = [f for f in CFLAGS if not f.startswith("-O")] + ["-O1", *flags]
+    return cflags, ["-fopenmp", *flags], "_" + sanitize.replace(",", "_")
+
+
+def build_emulated(name, cu_files, extra_cflags=()):
+    """A shared library of the given .cu files compiled as host C++ under cuda/emulator/, the emulator linked in;
+    returns its path, for ctypes (tests/test_cuda_emulator.py builds its own small kernels with it).
+
+    Built and cached by torch.utils.cpp_extension like the extensions, sanitized as they are under
+    MINIJAMBA_SANITIZE, but it is no Python module: the .cu files export extern "C" functions. Each .cu is compiled
+    through a two-line wrapper in the build directory that includes the emulator's cuda_runtime.h first.
+    extra_cflags (such as -DMJ_EMU_UCONTEXT) call for a name of their own, or each call rebuilds the other's."""
+    from torch.utils import cpp_extension
+
+    cflags, ldflags, suffix = _emulator_flags()
+    name += suffix
+    build_dir = Path(cpp_extension.get_default_build_root()) / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    wrappers = []
+    for cu in map(Path, cu_files):
+        wrapper, text = build_dir / f"{cu.stem}_emulated.cpp", f'#include <cuda_runtime.h>\n#include "{cu.resolve()}"\n'
+        if not wrapper.exists() or wrapper.read_text() != text:  # rewritten only when changed: ninja goes by mtime
+            wrapper.write_text(text)
+        wrappers.append(str(wrapper))
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[*wrappers, *(str(CUDA_DIR / s) for s in EMULATOR_SOURCES)],
+            extra_include_paths=[str(CUDA_DIR / "emulator" / "include")],
+            extra_cflags=[*cflags, *extra_cflags],
+            extra_ldflags=ldflags,
+            build_directory=str(build_dir),
+            is_python_module=False,
+        )
+    except (RuntimeError, OSError, ImportError) as error:
+        raise BuildError(
+            f"building {name} from {[str(f) for f in cu_files]} under the emulator failed: {error}"
+        ) from None
+    return build_dir / f"{name}.so"
 
 
 def _build(kind):
@@ -60,29 +175,31 @@ def _build(kind):
             name="minijamba_scan_cpu", sources=sources, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"]
         )
     if kind == "cuda-emulated":
+        cflags, ldflags, suffix = _emulator_flags()
         return cpp_extension.load(
-            name="minijamba_scan_cuda_emulated",
+            name="minijamba_scan_cuda_emulated" + suffix,
             sources=sources,
             extra_include_paths=[str(CUDA_DIR / "emulator" / "include")],
-            extra_cflags=[*CFLAGS, "-DMINIJAMBA_CUDA_EMULATED"],
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=[*cflags, "-DMINIJAMBA_CUDA_EMULATED"],
+            extra_ldflags=ldflags,
         )
     if torch.version.cuda is None:
         raise BuildError(
             f"the CUDA scan needs a CUDA build of torch, and torch {torch.__version__} is CPU-only "
-            "(the .cu can still be compile-checked with nvcc alone: tests/test_fused_scan.py)"
+            "(the .cu can still be compile-checked with nvcc alone: tests/test_cuda_build.py)"
         )
     # torch guesses /usr/local as CUDA_HOME when nvcc is not where it looks, and the link then fails.
     if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    arch_list = cuda_arch_list()
+    if not torch.cuda.is_available():  # no card for torch to ask: it builds what the variable says
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     define = ["-DMINIJAMBA_WITH_CUDA"]
     return cpp_extension.load(
-        name="minijamba_scan_cuda",
+        name=cuda_build_name(arch_list),
         sources=sources,
         extra_cflags=CFLAGS + define,
-        extra_cuda_cflags=["-O3", "-std=c++17", *define],
+        extra_cuda_cflags=[*CUDA_CFLAGS, *define],
         extra_ldflags=["-fopenmp"],
     )
 
