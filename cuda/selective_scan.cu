@@ -52,16 +52,17 @@ constexpr unsigned kAllLanes = 0xffffffffu;
 constexpr double kLog2e = 1.4426950408889634;  // e^x = 2^(x · log2(e))
 
 // The block's shape for compute type T. float32 (and 16-bit inputs, computed in float32): kCudaThreads threads of
-// kCudaItems steps. A float64 value takes two registers, so float64 halves the steps and doubles the threads: the
+// kCudaItems steps. A float64 value takes two registers, so float64 takes fewer steps and more threads: the
 // chunk, and with it the layout of chunk_states, is kCudaChunk either way.
 template <typename T>
 struct Shape {
-  static constexpr int kItems = sizeof(T) == 8 ? kCudaItems / 2 : kCudaItems;
+  static constexpr int kItems = sizeof(T) == 8 ? kCudaItemsFloat64 : kCudaItems;
   static constexpr int kThreads = kCudaChunk / kItems;
   static constexpr int kWarps = kThreads / kWarp;
   static constexpr int kWarpSteps = kWarp * kItems;  // the consecutive steps a warp owns
   static constexpr int kPackSize = 16 / sizeof(T);   // steps in one 16-byte Pack<T>
   static constexpr int kPacks = kItems / kPackSize;  // a thread's steps, in Packs
+  static_assert(kThreads * kItems == kCudaChunk, "one chunk for every dtype");
   static_assert(kThreads % kWarp == 0 && kItems % kPackSize == 0, "whole warps, whole 16-byte vectors");
 };
 

@@ -45,9 +45,11 @@ using compute_t = typename ComputeType<In>::type;
 
 // One thread block per (batch, channel): kCudaThreads threads, each owning kCudaItems consecutive steps, so a
 // chunk of the sequence is kCudaThreads · kCudaItems steps; the forward saves the state at each chunk start.
-// (float64 runs twice the threads with half the steps each: the same chunk. See selective_scan.cu's Shape.)
+// float64, whose values take two registers each, gives a thread kCudaItemsFloat64 steps and runs the chunk with
+// kCudaChunk / kCudaItemsFloat64 threads: the same chunk (selective_scan.cu's Shape).
 constexpr int kCudaThreads = 128;
 constexpr int kCudaItems = 16;
+constexpr int kCudaItemsFloat64 = 8;
 constexpr int64_t kCudaChunk = kCudaThreads * kCudaItems;
 constexpr int64_t kCudaMaxState = 256;  // the carried states live in shared memory: N <= 256
 

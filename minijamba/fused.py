@@ -33,6 +33,7 @@ __all__ = [
     "DEVICES",
     "KINDS",
     "load",
+    "load_emulated_variant",
     "kernel_constants",
     "fused_selective_scan",
     "cuda_arch_list",
@@ -166,6 +167,38 @@ def build_emulated(name, cu_files, extra_cflags=()):
     return build_dir / f"{name}.so"
 
 
+def load_emulated_variant(name, cu_source):
+    """The cuda-emulated extension built from `cu_source`, the text of a changed cuda/selective_scan.cu (lesson 07
+    removes a barrier from it), under the build name `name`; used like load("cuda-emulated"), cached the same way.
+
+    The text is written to the build directory, whose wrapper includes it after the emulator's cuda_runtime.h;
+    its `#include "selective_scan.h"` resolves to cuda/'s."""
+    from torch.utils import cpp_extension
+
+    cflags, ldflags, suffix = _emulator_flags()
+    name += suffix
+    build_dir = Path(cpp_extension.get_default_build_root()) / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    for file, text in (("selective_scan.cu", cu_source), ("variant_emulated.cpp", _VARIANT_WRAPPER)):
+        if not (build_dir / file).exists() or (build_dir / file).read_text() != text:  # ninja goes by mtime
+            (build_dir / file).write_text(text)
+    sources = [str(CUDA_DIR / "binding.cpp"), *(str(CUDA_DIR / s) for s in EMULATOR_SOURCES)]
+    try:
+        return cpp_extension.load(
+            name=name,
+            sources=[*sources, str(build_dir / "variant_emulated.cpp")],
+            extra_include_paths=[str(CUDA_DIR / "emulator" / "include"), str(CUDA_DIR)],
+            extra_cflags=[*cflags, "-DMINIJAMBA_CUDA_EMULATED"],
+            extra_ldflags=ldflags,
+            build_directory=str(build_dir),
+        )
+    except (RuntimeError, OSError, ImportError) as error:
+        raise BuildError(f"building the emulated variant {name} failed: {error}") from None
+
+
+_VARIANT_WRAPPER = '#include <cuda_runtime.h>\n\n#include "selective_scan.cu"\n'
+
+
 def _build(kind):
     from torch.utils import cpp_extension
 
@@ -223,9 +256,10 @@ def load(kind):
 def kernel_constants():
     """The kernels' sizes, {name: int}, read from the `constexpr` integer literals of cuda/selective_scan.h and .cu.
 
-    kCudaThreads (threads per block), kCudaItems (steps per thread), kWarp (lanes per warp), kCudaMaxState (the
-    largest N), kCpuChunk (the CPU twin's steps per chunk). Read from the sources, not from a built extension, so
-    that a machine without a GPU can still draw the CUDA kernel's layout with its real numbers."""
+    kCudaThreads (threads per block), kCudaItems (steps per thread), kCudaItemsFloat64 (float64's steps per thread:
+    its blocks have kCudaThreads · kCudaItems / kCudaItemsFloat64 threads, the same chunk), kWarp (lanes per warp),
+    kCudaMaxState (the largest N), kCpuChunk (the CPU twin's steps per chunk). Read from the sources, not from a
+    built extension, so that a machine without a GPU can still draw the CUDA kernel's layout with its real numbers."""
     literal = re.compile(r"constexpr\s+\w+\s+(k\w+)\s*=\s*(\d+)\s*;")  # derived ones (kCudaChunk) are not literals
     sources = ((CUDA_DIR / name).read_text() for name in ("selective_scan.h", "selective_scan.cu"))
     return {name: int(value) for text in sources for name, value in literal.findall(text)}

@@ -52,7 +52,7 @@
 //   * the memory model: here every write is seen at once by every later read, on a GPU only after a barrier,
 //     a fence or an atomic;
 //   * races finer than a barrier: threads run whole stretches between barriers one at a time, so a race between
-//     two of them comes out in the schedule's order (which the four schedules may or may not expose), never
+//     two of them comes out in the schedule's order (which the five schedules may or may not expose), never
 //     torn or interleaved mid-stretch as on a GPU;
 //   * timing, occupancy, registers, bank conflicts, coalescing: nothing here is fast or slow the way a GPU is;
 //   * the device's own arithmetic: expf, __expf and friends are the CPU's libm, not the GPU's approximations.

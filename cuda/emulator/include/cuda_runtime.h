@@ -2,8 +2,8 @@
 //
 // A .cu compiled under the emulator includes this instead of CUDA's cuda_runtime.h (include/ comes first on the
 // include path) and runs its kernels on fibers, one per CUDA thread (../cuda_emulator.h says how, what it
-// refuses and what it cannot check). THE supported subset; anything else is a compile error here, not a silent
-// difference:
+// refuses and what it cannot check). THE supported subset (outside it, a kernel may not compile here, or may
+// run with the host's meaning: printf prints, assert aborts the process):
 //   qualifiers   __global__ __device__ __host__ __forceinline__ __launch_bounds__(threads[, blocks])
 //                __restrict__ __align__(n); __shared__ with a size known at compile time (a function-local
 //                static here; `extern __shared__` dynamic shared memory is NOT supported: the launch's
