@@ -37,7 +37,7 @@ from .. import fused
 from ..reference import selective_scan_ref
 from ..scan import FUSED_IMPLS, IMPLS, selective_scan
 from .measure import describe_machine
-from .scan import _estimated_bytes
+from .scan import _estimated_bytes, checked_impls
 
 REGIMES = ("official", "tests")
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -131,12 +131,7 @@ def add_arguments(parser):
 
 def run(args):
     lengths = [int(x) for x in args.lengths.split(",")]
-    impls = args.impls.split(",")
-    unknown = [i for i in impls if i not in IMPLS and i not in FUSED_IMPLS]
-    if unknown:
-        raise SystemExit(f"--impls: unknown {unknown}; choose from {[*IMPLS, *FUSED_IMPLS]}")
-    if "cuda" in impls and not torch.cuda.is_available():
-        raise SystemExit("--impls: cuda needs a GPU, and torch sees none here (cuda-emulated runs its kernels here)")
+    impls = checked_impls(args.impls)
     for impl in [i for i in impls if i in FUSED_IMPLS]:
         fused.load(impl)  # a failed build says why here, before any time is spent
     bc = "(dim, N)" if args.time_invariant else "(batch, N, L)"

@@ -142,14 +142,20 @@ def unfused_bytes(batch, dim, N, L):
     return floor_bytes(batch, dim, N, L) + 3 * 2 * 4 * batch * dim * L * N
 
 
-def run(args):
-    lengths = [int(x) for x in args.lengths.split(",")]
-    impls = args.impls.split(",")
+def checked_impls(text):
+    """The impls named by a comma-separated --impls, each a scan minijamba has, "cuda" only where there is a GPU."""
+    impls = text.split(",")
     unknown = [i for i in impls if i not in IMPLS and i not in FUSED_IMPLS]
     if unknown:
         raise SystemExit(f"--impls: unknown {unknown}; choose from {[*IMPLS, *FUSED_IMPLS]}")
     if "cuda" in impls and not torch.cuda.is_available():
-        raise SystemExit("--impls: cuda needs a GPU, and torch sees none here")
+        raise SystemExit("--impls: cuda needs a GPU, and torch sees none here (cuda-emulated runs its kernels here)")
+    return impls
+
+
+def run(args):
+    lengths = [int(x) for x in args.lengths.split(",")]
+    impls = checked_impls(args.impls)
     bandwidth = copy_bandwidth() if "cuda" in impls else None
     if bandwidth:
         print(f"GPU: {torch.cuda.get_device_name()}, measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
