@@ -16,6 +16,7 @@ Safety: a pickle can run any code while it loads, so `.bin` files are read only 
 unpickler, which accepts tensors and plain containers and refuses everything else; safetensors files hold no code.
 """
 
+import dataclasses
 import json
 import os
 import pickle
@@ -215,10 +216,14 @@ class HFCheckpointMixin:
         return names
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, device=None, dtype=None):
-        """Load a HF checkpoint (config.json + weights) from a directory or the Hub, checking every key and shape."""
+    def from_pretrained(cls, path_or_repo_id, device=None, dtype=None, **overrides):
+        """Load a HF checkpoint (config.json + weights) from a directory or the Hub, checking every key and shape.
+
+        overrides: config fields to set on the loaded config, e.g. scan_impl="cpu" (a choice checkpoints do not store).
+        """
         directory = resolve_checkpoint_dir(path_or_repo_id)
-        model = cls(cls.config_class.from_hf(load_config(directory)), device=device, dtype=dtype)
+        config = dataclasses.replace(cls.config_class.from_hf(load_config(directory)), **overrides)
+        model = cls(config, device=device, dtype=dtype)
         tensors = load_tensors(directory)
         names, ours = model._hf_names(), model.state_dict()
         head, embedding = tensors.get("lm_head.weight"), tensors.get(cls.HF_EMBEDDING)

@@ -14,13 +14,12 @@ compresses the past into a fixed state (cheap, long) but can fail to retrieve a 
 (52B parameters, 12B active per token) keeps 4 attention layers out of 32, so its KV cache at 256K tokens is
 4 GB where an all-attention model of the same shape (Mixtral) needs 32 GB.
 
-Inference (`HybridCache`): each layer keeps its own state, and nothing else is needed to continue a sequence:
+Inference (the `LMCache` of lm.py): each layer keeps its own state, and nothing else is needed to continue a sequence:
     attention layer   (k, v)                    each (batch, kv_heads, T, head_dim): grows with the context T
     Mamba layer       (conv_state, ssm_state)   (batch, d_inner, d_conv), (batch, d_inner, N): fixed size
 
-Sizing from the config alone, without building (any size, even 52B): `count_parameters` (total and active per
-token), `parameters_by_part` (where they live: what a quantization scheme needs), `cache_bytes` (the cache after
-T tokens) and `longest_context` (the longest T whose cache fits in given memory).
+Sizing from the config alone, without building (any size, even 52B), is in models.py: `count_parameters`,
+`parameters_by_part`, `cache_bytes`, `longest_context`.
 
 Glossary (code name — symbol or name in the Jamba paper / HF config):
     hidden_size              — d, the model width;  intermediate_size — the (expert) MLP's hidden width
@@ -46,31 +45,23 @@ Where this differs from HF `JambaForCausalLM` and why:
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, fields
-from typing import NamedTuple
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
 from .attention import CausalSelfAttention
-from .checkpoint import CheckpointError, HFCheckpointMixin
-from .generation import GenerationMixin
-from .mamba import MambaConfig, MambaMixer, RMSNorm
-from .moe import MoE, SwiGLU, load_balancing_loss
+from .checkpoint import CheckpointError
+from .lm import CausalLM
+from .mamba import MambaConfig, MambaMixer
+from .moe import MoE, SwiGLU
+from .norm import RMSNorm
 
 __all__ = [
     "JambaConfig",
     "PRESETS",
     "JambaLayer",
-    "HybridCache",
-    "JambaOutput",
     "JambaLM",
-    "ParameterCount",
-    "count_parameters",
-    "PARTS",
-    "parameters_by_part",
-    "cache_bytes",
-    "longest_context",
 ]
 
 # Fields of JambaConfig that HF's JambaConfig does not have: kept in our config.json, ignored by transformers.
@@ -107,6 +98,7 @@ class JambaConfig:
     capacity_factor: float | None = None  # not in HF: expert capacity, None = no token is ever dropped
     rope: bool = False  # not in HF: rotary positions in the attention layers
     rope_theta: float = 10000.0
+    scan_impl: str = "chunked"  # the Mamba layers' scan (scan.py); not stored in checkpoints: a choice of this machine
 
     def __post_init__(self):
         if self.mamba_dt_rank == "auto":
@@ -174,6 +166,7 @@ class JambaConfig:
             bias=self.mamba_proj_bias,
             inner_norms=True,
             norm_eps=self.rms_norm_eps,
+            scan_impl=self.scan_impl,
         )
 
     @classmethod
@@ -185,7 +178,8 @@ class JambaConfig:
 
     def to_hf(self):
         """The config.json dict of HF JambaForCausalLM (our extra fields included; transformers ignores them)."""
-        return {"architectures": ["JambaForCausalLM"], "model_type": "jamba", "hidden_act": "silu", **asdict(self)}
+        fields_ = {k: v for k, v in asdict(self).items() if k != "scan_impl"}
+        return {"architectures": ["JambaForCausalLM"], "model_type": "jamba", "hidden_act": "silu", **fields_}
 
     @classmethod
     def from_hf(cls, hf):
@@ -311,56 +305,34 @@ class JambaLayer(nn.Module):
         return h[:, 0], state
 
 
-@dataclass
-class HybridCache:
-    """The inference state of a JambaLM: per layer (k, v) for attention, (conv_state, ssm_state) for Mamba."""
-
-    states: list = field(default_factory=list)  # num_hidden_layers × a 2-tuple of tensors (see the module docstring)
-    seqlen: int = 0  # tokens consumed so far
-
-    @property
-    def nbytes(self):
-        """Bytes the cache holds now: the attention layers' share grows with seqlen, the Mamba layers' does not."""
-        return sum(t.nbytes for state in self.states for t in state)
-
-
-class JambaOutput(NamedTuple):
-    logits: torch.Tensor  # (batch, L, vocab)
-    aux_loss: torch.Tensor  # the load-balancing loss over every MoE layer (HF's aux_loss); 0 without MoE layers
-    router_logits: tuple  # one (batch·L, num_experts) tensor per MoE layer: for the z-loss and utilisation stats
-
-
-class JambaLM(GenerationMixin, HFCheckpointMixin, nn.Module):
-    """Embedding -> JambaLayers -> RMSNorm -> LM head. `generate`, `from_pretrained`, `save_pretrained` as MambaLM."""
+class JambaLM(CausalLM):
+    """Embedding -> JambaLayers -> RMSNorm -> LM head; forward / step / generate / checkpoints from CausalLM (lm.py)."""
 
     config_class = JambaConfig
     HF_NAMES = HF_NAMES
     HF_EMBEDDING = "model.embed_tokens.weight"
 
     def __init__(self, config, device=None, dtype=None):
-        super().__init__()
-        self.config = config
-        factory = {"device": device, "dtype": dtype}
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
-        self.layers = nn.ModuleList(JambaLayer(config, i, **factory) for i in range(config.num_hidden_layers))
-        self.final_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **factory)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
-        self._init_weights()
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        layers = (JambaLayer(config, i, device=device, dtype=dtype) for i in range(config.num_hidden_layers))
+        super().__init__(
+            config,
+            layers,
+            config.hidden_size,
+            config.vocab_size,
+            config.rms_norm_eps,
+            config.tie_word_embeddings,
+            device,
+            dtype,
+        )
 
     @property
-    def tied_head(self):
-        return self.config.tie_word_embeddings
+    def aux_loss_coef(self):
+        return self.config.router_aux_loss_coef
 
     @torch.no_grad()
     def _init_weights(self):
         std = self.config.initializer_range
-        nn.init.normal_(self.embed_tokens.weight, std=std)
-        for module in self.modules():
-            bias = module.bias if isinstance(module, nn.Linear) else None
-            if bias is not None and not getattr(bias, "_no_reinit", False):  # dt_proj.bias holds Δ's init
-                nn.init.zeros_(bias)
+        super()._init_weights(embedding_std=std)
         residual_scale = math.sqrt(2 * self.config.num_hidden_layers)  # two residual branches per layer
         for layer in self.layers:
             out = layer.mamba.out_proj if layer.kind == "mamba" else layer.self_attn.o_proj
@@ -372,64 +344,6 @@ class JambaLM(GenerationMixin, HFCheckpointMixin, nn.Module):
             else:
                 layer.feed_forward.down_proj.weight /= residual_scale
 
-    def new_cache(self, batch):
-        """An empty cache for `batch` sequences: zero-length KV for attention layers, zero states for Mamba layers."""
-        return HybridCache([layer.mixer.empty_state(batch) for layer in self.layers])
-
-    def _check_cache(self, cache, batch):
-        if not isinstance(cache, HybridCache) or len(cache.states) != len(self.layers):
-            raise ValueError(f"cache must be a HybridCache from new_cache() with {len(self.layers)} layers")
-        if cache.states[0][0].shape[0] != batch:
-            raise ValueError(f"cache is for batch {cache.states[0][0].shape[0]}, input has batch {batch}")
-
-    def _logits(self, h):
-        return self.lm_head(self.final_layernorm(h))
-
-    def forward(self, input_ids, cache=None):
-        """input_ids (batch, L) -> JambaOutput(logits (batch, L, vocab), aux_loss, router_logits).
-
-        With a cache: start from it and leave it after the last token, so forward(ids[:, :k], c) then
-        forward(ids[:, k:], c) equals forward(ids). aux_loss is HF's load-balancing loss over all MoE layers,
-        unweighted: a training loss adds router_aux_loss_coef times it.
-        """
-        if input_ids.ndim != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be (batch, L) with L >= 1, got {tuple(input_ids.shape)}")
-        if cache is not None:
-            self._check_cache(cache, input_ids.shape[0])
-        h = self.embed_tokens(input_ids)  # (batch, L, hidden)
-        router_logits = []
-        for i, layer in enumerate(self.layers):
-            h, state, routing = layer(h, None if cache is None else cache.states[i])
-            if cache is not None:
-                cache.states[i] = state
-            if routing is not None:
-                router_logits.append(routing.logits)  # (batch·L, num_experts)
-        if cache is not None:
-            cache.seqlen += input_ids.shape[1]
-        if router_logits:
-            aux_loss = load_balancing_loss(router_logits, self.config.num_experts, self.config.num_experts_per_tok)
-        else:
-            aux_loss = h.new_zeros(())
-        return JambaOutput(self._logits(h), aux_loss, tuple(router_logits))
-
-    def step(self, token, cache):
-        """token (batch,) -> logits (batch, vocab) for the next position; advances the cache by one token.
-
-        O(1) in the Mamba layers and O(T) in the attention layers, which read their whole KV cache.
-        """
-        if token.ndim != 1:
-            raise ValueError(f"token must be (batch,), one id per sequence, got {tuple(token.shape)}")
-        self._check_cache(cache, token.shape[0])
-        h = self.embed_tokens(token)  # (batch, hidden)
-        for i, layer in enumerate(self.layers):
-            h, cache.states[i] = layer.step(h, cache.states[i])
-        cache.seqlen += 1
-        return self._logits(h)  # (batch, vocab)
-
-    def prefill(self, prompt_ids, cache):
-        """Run the prompt into the cache; logits (batch, vocab) for the token after it."""
-        return self(prompt_ids, cache).logits[:, -1]
-
     def save_pretrained(self, directory):
         on = {name: getattr(self.config, name) for name, off in NOT_IN_HF.items() if getattr(self.config, name) != off}
         if on:
@@ -437,71 +351,3 @@ class JambaLM(GenerationMixin, HFCheckpointMixin, nn.Module):
                 f"{on} have no HF Jamba counterpart: transformers would load this checkpoint without them", stacklevel=2
             )
         return super().save_pretrained(directory)
-
-
-class ParameterCount(NamedTuple):
-    total: int  # every parameter (a tied head counted once)
-    active: int  # those one token uses: each MoE layer counts only num_experts_per_tok of its experts
-
-
-def count_parameters(config):
-    """Total and active-per-token parameters of a JambaLM, counted on the meta device (no memory, any size)."""
-    model = JambaLM(config, device="meta")
-    total = sum(p.numel() for p in model.parameters())
-    idle = 0
-    for layer in model.layers:
-        if layer.is_moe:
-            per_expert = sum(p.numel() for p in layer.feed_forward.experts[0].parameters())
-            idle += (config.num_experts - config.num_experts_per_tok) * per_expert
-    return ParameterCount(total, total - idle)
-
-
-# Where a JambaLM's parameters live, as (the part, a test on the parameter's name), first match wins.
-_PART_OF = (
-    ("embedding", lambda name: name.startswith("embed_tokens.")),
-    ("lm_head", lambda name: name.startswith("lm_head.")),
-    ("attention", lambda name: ".self_attn." in name),
-    ("mamba", lambda name: ".mamba." in name),  # the whole mixer: projections, conv, A_log, D and its inner norms
-    ("routers", lambda name: ".feed_forward.router." in name),
-    ("experts", lambda name: ".feed_forward.experts." in name),
-    ("mlp", lambda name: ".feed_forward." in name),  # a dense layer's SwiGLU
-    ("norms", lambda name: True),  # input_layernorm, pre_ff_layernorm, final_layernorm
-)
-PARTS = tuple(part for part, _ in _PART_OF)
-
-
-def parameters_by_part(config):
-    """{part: parameters} over PARTS for a JambaLM, counted on the meta device; a tied LM head counts 0.
-
-    The parts sum to count_parameters(config).total. They are what a quantization scheme needs: e.g. the Jamba
-    card's 8-bit loading keeps the Mamba mixers (the "mamba" part) in 16 bits.
-    """
-    counts = dict.fromkeys(PARTS, 0)
-    for name, p in JambaLM(config, device="meta").named_parameters():
-        counts[next(part for part, matches in _PART_OF if matches(name))] += p.numel()
-    return counts
-
-
-def cache_bytes(config, batch, context, dtype=torch.float32):
-    """Bytes a HybridCache holds after `context` tokens (what new_cache + forward leave in HybridCache.nbytes).
-
-    attention layer: 2 (k and v) · batch · kv_heads · head_dim · context;  Mamba layer: batch · d_inner · (d_conv + N).
-    """
-    item = torch.empty((), dtype=dtype).element_size()
-    d_inner = config.mamba_expand * config.hidden_size
-    per_layer = {
-        "attention": 2 * batch * config.num_key_value_heads * config.head_dim * context,
-        "mamba": batch * d_inner * (config.mamba_d_conv + config.mamba_d_state),
-    }
-    return item * sum(per_layer[kind] for kind in config.layer_types)
-
-
-def longest_context(config, memory_bytes, batch=1, dtype=torch.bfloat16):
-    """The largest context T with cache_bytes(config, batch, T, dtype) <= memory_bytes: how long the sequences of a
-    batch can grow in the memory left for the cache. math.inf without attention layers (the cache never grows).
-    Raises ValueError when not even the empty cache (the Mamba layers' states) fits."""
-    fixed = cache_bytes(config, batch, 0, dtype)  # the Mamba states: the same at every length
-    if fixed > memory_bytes:
-        raise ValueError(f"{memory_bytes} bytes do not hold even the empty cache ({fixed} bytes of Mamba states)")
-    per_token = cache_bytes(config, batch, 1, dtype) - fixed  # the attention layers' k and v of one more token
-    return math.inf if per_token == 0 else (memory_bytes - fixed) // per_token

@@ -10,7 +10,8 @@ and the model is the usual pre-norm residual stack: hidden = hidden + mixer(RMSN
 an LM head tied to the embedding. With `inner_norms`, RMSNorms on Δ's rank-R input, B and C (Jamba paper §6.4)
 follow x_proj.
 
-Inference (the recurrent mode): everything a block needs from the past is
+Inference (the recurrent mode; the model's `LMCache` holds one state per block, lm.py): everything a block needs
+from the past is
     conv_state (batch, d_inner, d_conv)   the last d_conv conv inputs, newest last
     ssm_state  (batch, d_inner, N)        the SSM's state x
 so `forward(ids, cache)` runs a whole prompt in parallel and leaves the cache at its end (a second call continues
@@ -43,26 +44,24 @@ Where this differs from the official `mamba_simple.py` / `mixer_seq_simple.py` a
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, HFCheckpointMixin
-from .generation import GenerationMixin, sample_next
+from .checkpoint import CheckpointError
+from .lm import CausalLM
+from .norm import RMSNorm
 from .s6 import SelectiveSSM
 
 __all__ = [
-    "RMSNorm",
     "MambaConfig",
     "depthwise_causal_conv",
     "MambaMixer",
     "MambaBlock",
-    "MambaCache",
     "MambaLM",
-    "sample_next",
 ]
 
 # MambaConfig field -> HF transformers MambaConfig field (config.json). inner_norms has no HF Mamba counterpart.
@@ -92,29 +91,15 @@ HF_CONFIG_NAMES = {
 # (x_proj, dt_proj, A_log, D) directly in the mixer, where we group them in `mixer.ssm`. The inner norms take HF
 # Jamba's names. A tied lm_head is not stored (HF does not store it either).
 HF_NAMES = (
-    ("embedding.", "backbone.embeddings."),
+    ("embed_tokens.", "backbone.embeddings."),
     ("layers.{i}.mixer.ssm.dt_norm.", "backbone.layers.{i}.mixer.dt_layernorm."),
     ("layers.{i}.mixer.ssm.B_norm.", "backbone.layers.{i}.mixer.b_layernorm."),
     ("layers.{i}.mixer.ssm.C_norm.", "backbone.layers.{i}.mixer.c_layernorm."),
     ("layers.{i}.mixer.ssm.", "backbone.layers.{i}.mixer."),
     ("layers.{i}.", "backbone.layers.{i}."),
-    ("norm_f.", "backbone.norm_f."),
+    ("final_layernorm.", "backbone.norm_f."),
     ("lm_head.", "lm_head."),
 )
-
-
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · weight over the last dim, computed in at least float32 (as HF MambaRMSNorm)."""
-
-    def __init__(self, d, eps=1e-5, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
-
-    def forward(self, x):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 @dataclass
@@ -138,6 +123,7 @@ class MambaConfig:
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
     rescale_prenorm_residual: bool = True  # init: out_proj / sqrt(n_layer)
+    scan_impl: str = "chunked"  # the S6 layers' scan (scan.py); not stored in checkpoints: a choice of this machine
 
     def __post_init__(self):
         if self.dt_rank == "auto":
@@ -150,6 +136,15 @@ class MambaConfig:
     @property
     def d_inner(self):
         return self.expand * self.d_model
+
+    @property
+    def layer_types(self):
+        """ "mamba" for each layer: the same question JambaConfig.layer_types answers."""
+        return ("mamba",) * self.n_layer
+
+    def mamba_config(self):
+        """The MambaConfig of this model's Mamba layers: itself (JambaConfig.mamba_config builds one)."""
+        return self
 
     def to_hf(self):
         """The config.json dict of HF MambaForCausalLM."""
@@ -202,6 +197,7 @@ class MambaMixer(nn.Module):
             config.dt_min,
             config.dt_max,
             config.dt_init_floor,
+            scan_impl=config.scan_impl,
             inner_norm=norm,
             **factory,
         )
@@ -235,7 +231,13 @@ class MambaMixer(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual: hidden + mixer(RMSNorm(hidden)), the residual kept in at least float32 if residual_in_fp32."""
+    """Pre-norm residual: hidden + mixer(RMSNorm(hidden)), the residual kept in at least float32 if residual_in_fp32.
+
+    A CausalLM layer (lm.py): forward returns (hidden, state, None), as a Mamba block has no router.
+    """
+
+    kind = "mamba"
+    is_moe = False
 
     def __init__(self, config, device=None, dtype=None):
         super().__init__()
@@ -248,31 +250,18 @@ class MambaBlock(nn.Module):
 
     def forward(self, hidden, state=None):
         out, state = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), state)
-        return self._residual(hidden) + out, state
+        return self._residual(hidden) + out, state, None
 
     def step(self, hidden_t, state):
         out, state = self.mixer.step(self.norm(hidden_t.to(self.norm.weight.dtype)), state)
         return self._residual(hidden_t) + out, state
 
 
-@dataclass
-class MambaCache:
-    """The whole inference state of a MambaLM; its size depends on the batch, never on the context length."""
-
-    conv_states: list = field(default_factory=list)  # n_layer × (batch, d_inner, d_conv)
-    ssm_states: list = field(default_factory=list)  # n_layer × (batch, d_inner, N)
-    seqlen: int = 0  # tokens consumed so far (informative only: nothing depends on it)
-
-    @property
-    def nbytes(self):
-        return sum(t.nbytes for t in (*self.conv_states, *self.ssm_states))
-
-
-class MambaLM(GenerationMixin, HFCheckpointMixin, nn.Module):
+class MambaLM(CausalLM):
     """Embedding -> n_layer MambaBlocks -> RMSNorm -> LM head (tied to the embedding by default).
 
-    `generate` comes from GenerationMixin; `from_pretrained` / `save_pretrained` (HF MambaForCausalLM layout, same
-    safety rules) from HFCheckpointMixin.
+    forward / step / prefill / generate and the checkpoints come from CausalLM (lm.py); this class builds the blocks
+    and applies the official init.
     """
 
     config_class = MambaConfig
@@ -280,76 +269,15 @@ class MambaLM(GenerationMixin, HFCheckpointMixin, nn.Module):
     HF_EMBEDDING = "backbone.embeddings.weight"
 
     def __init__(self, config, device=None, dtype=None):
-        super().__init__()
-        self.config = config
-        factory = {"device": device, "dtype": dtype}
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model, **factory)
-        self.layers = nn.ModuleList(MambaBlock(config, **factory) for _ in range(config.n_layer))
-        self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps, **factory)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, **factory)
-        self._init_weights()
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embedding.weight
+        layers = (MambaBlock(config, device=device, dtype=dtype) for _ in range(config.n_layer))
+        super().__init__(
+            config, layers, config.d_model, config.vocab_size, config.norm_eps, config.tie_embeddings, device, dtype
+        )
 
     @torch.no_grad()
     def _init_weights(self):
         """The official `_init_weights` (mixer_seq_simple.py); SelectiveSSM already set Δ, A and D as Mamba does."""
-        nn.init.normal_(self.embedding.weight, std=0.02)
-        for module in self.modules():
-            bias = module.bias if isinstance(module, nn.Linear) else None
-            if bias is not None and not getattr(bias, "_no_reinit", False):  # dt_proj.bias holds Δ's init
-                nn.init.zeros_(bias)
+        super()._init_weights(embedding_std=0.02)
         if self.config.rescale_prenorm_residual:  # GPT-2's scheme: n_layer residual branches add up
             for layer in self.layers:
                 layer.mixer.out_proj.weight /= math.sqrt(self.config.n_layer)
-
-    def new_cache(self, batch):
-        """An empty cache for `batch` sequences (the state before the first token)."""
-        states = [layer.mixer.empty_state(batch) for layer in self.layers]
-        return MambaCache([c for c, _ in states], [s for _, s in states])
-
-    @property
-    def tied_head(self):
-        return self.config.tie_embeddings
-
-    def _check_cache(self, cache, batch):
-        if not isinstance(cache, MambaCache) or len(cache.conv_states) != len(self.layers):
-            raise ValueError(f"cache must be a MambaCache from new_cache() with {len(self.layers)} layers")
-        if cache.conv_states[0].shape[0] != batch:
-            raise ValueError(f"cache is for batch {cache.conv_states[0].shape[0]}, input has batch {batch}")
-
-    def _logits(self, hidden):
-        return self.lm_head(self.norm_f(hidden.to(self.norm_f.weight.dtype)))
-
-    def forward(self, input_ids, cache=None):
-        """input_ids (batch, L) -> logits (batch, L, vocab). With a cache: start from it and leave it after the last
-        token, so forward(ids[:, :k], c) then forward(ids[:, k:], c) equals forward(ids)."""
-        if input_ids.ndim != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be (batch, L) with L >= 1, got {tuple(input_ids.shape)}")
-        if cache is not None:
-            self._check_cache(cache, input_ids.shape[0])
-        hidden = self.embedding(input_ids)  # (batch, L, d_model)
-        for i, layer in enumerate(self.layers):
-            state = None if cache is None else (cache.conv_states[i], cache.ssm_states[i])
-            hidden, (conv_state, ssm_state) = layer(hidden, state)
-            if cache is not None:
-                cache.conv_states[i], cache.ssm_states[i] = conv_state, ssm_state
-        if cache is not None:
-            cache.seqlen += input_ids.shape[1]
-        return self._logits(hidden)  # (batch, L, vocab)
-
-    def step(self, token, cache):
-        """token (batch,) -> logits (batch, vocab) for the next position; advances cache by one token in O(1)."""
-        if token.ndim != 1:
-            raise ValueError(f"token must be (batch,), one id per sequence, got {tuple(token.shape)}")
-        self._check_cache(cache, token.shape[0])
-        hidden = self.embedding(token)  # (batch, d_model)
-        for i, layer in enumerate(self.layers):
-            state = (cache.conv_states[i], cache.ssm_states[i])
-            hidden, (cache.conv_states[i], cache.ssm_states[i]) = layer.step(hidden, state)
-        cache.seqlen += 1
-        return self._logits(hidden)  # (batch, vocab)
-
-    def prefill(self, prompt_ids, cache):
-        """Run the prompt into the cache; logits (batch, vocab) for the token after it."""
-        return self(prompt_ids, cache)[:, -1]

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import positive_int
+
 __all__ = [
     "SwiGLU",
     "Router",
@@ -55,14 +57,9 @@ __all__ = [
 ]
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_top_k(top_k, num_experts):
-    _check_positive_int("num_experts", num_experts)
-    _check_positive_int("top_k", top_k)
+    positive_int("num_experts", num_experts)
+    positive_int("top_k", top_k)
     if top_k > num_experts:
         raise ValueError(f"top_k must be <= num_experts = {num_experts}, got {top_k}")
 
@@ -77,8 +74,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size, intermediate_size, device=None, dtype=None):
         super().__init__()
-        _check_positive_int("hidden_size", hidden_size)
-        _check_positive_int("intermediate_size", intermediate_size)
+        positive_int("hidden_size", hidden_size)
+        positive_int("intermediate_size", intermediate_size)
         factory = {"device": device, "dtype": dtype}
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **factory)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **factory)
@@ -93,7 +90,7 @@ class Router(nn.Module):
 
     def __init__(self, hidden_size, num_experts, top_k, normalize_top_k=False, device=None, dtype=None):
         super().__init__()
-        _check_positive_int("hidden_size", hidden_size)
+        positive_int("hidden_size", hidden_size)
         _check_top_k(top_k, num_experts)
         self.num_experts, self.top_k, self.normalize_top_k = num_experts, top_k, normalize_top_k
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
@@ -259,7 +256,7 @@ def expert_utilisation(routing, num_experts):
 
     routing: the top-k indices (any shape) or a RouterOutput (counts before capacity).
     """
-    _check_positive_int("num_experts", num_experts)
+    positive_int("num_experts", num_experts)
     index = routing.top_k_index if isinstance(routing, RouterOutput) else routing
     counts = torch.bincount(index.reshape(-1), minlength=num_experts)  # (n_e,)
     if counts.numel() != num_experts:

@@ -39,12 +39,13 @@ Where this differs from the official minimal S4D (state-spaces/s4, models/s4/s4d
 """
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 from torch import nn
 
 from minijamba import reference
+from minijamba.checks import positive_int
 
 __all__ = ["S4D"]
 
@@ -52,11 +53,6 @@ _INITS = ("lin", "real")
 _DISCRETIZATIONS = ("zoh", "bilinear")
 _MODES = ("conv", "recurrent")
 _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _is_finite_number(x):
@@ -88,8 +84,8 @@ class S4D(nn.Module):
         seed=None,
     ):
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("d_state", d_state)
+        positive_int("d_model", d_model)
+        positive_int("d_state", d_state)
         _check_choice("init", init, _INITS)
         _check_choice("discretization", discretization, _DISCRETIZATIONS)
         if not (_is_finite_number(dt_min) and dt_min > 0):
@@ -159,7 +155,7 @@ class S4D(nn.Module):
         covers a real A_bar < 0 (log|a| + iπ, once Δ|A| > 2); an integer power A_bar^k does not depend on
         the branch of the log.
         """
-        _check_positive_int("L", L)
+        positive_int("L", L)
         A_bar, B_bar = self.discrete()  # (H, N) each
         if self.discretization == "zoh":
             log_A_bar = self.delta()[:, None] * self.A()  # (H, N)
@@ -200,7 +196,7 @@ class S4D(nn.Module):
 
     def initial_state(self, batch):
         """x_0 = 0: (batch, H, N), complex for "lin"."""
-        _check_positive_int("batch", batch)
+        positive_int("batch", batch)
         dtype = _COMPLEX[self.log_dt.dtype] if self.init == "lin" else self.log_dt.dtype
         return torch.zeros(batch, self.d_model, self.d_state, dtype=dtype, device=self.log_dt.device)
 

@@ -41,27 +41,17 @@ Where this differs from the official `mamba_simple.py` (state-spaces/mamba), and
 """
 
 import math
-from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minijamba.checks import positive_int, positive_real
 from minijamba.scan import FUSED_IMPLS, IMPLS, selective_scan, softplus
 
 __all__ = ["SelectiveSSM"]
 
 _SCAN_IMPLS = ("auto", *IMPLS, *FUSED_IMPLS)
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_positive_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def _inverse_softplus(y):
@@ -87,16 +77,16 @@ class SelectiveSSM(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        _check_positive_int("d_inner", d_inner)
-        _check_positive_int("d_state", d_state)
+        positive_int("d_inner", d_inner)
+        positive_int("d_state", d_state)
         if dt_rank == "auto":
             dt_rank = math.ceil(d_inner / 32)
-        _check_positive_int("dt_rank", dt_rank)
-        _check_positive_real("dt_min", dt_min)
-        _check_positive_real("dt_max", dt_max)
+        positive_int("dt_rank", dt_rank)
+        positive_real("dt_min", dt_min)
+        positive_real("dt_max", dt_max)
         if dt_max < dt_min:
             raise ValueError(f"dt_max must be >= dt_min={dt_min!r}, got {dt_max!r}")
-        _check_positive_real("dt_init_floor", dt_init_floor)
+        positive_real("dt_init_floor", dt_init_floor)
         if not isinstance(selective, bool):
             raise ValueError(f"selective must be True or False, got {selective!r}")
         if scan_impl not in _SCAN_IMPLS:

@@ -124,7 +124,8 @@ def _scan_chunk(u, delta, A, B, C, x0, t0, t1):
     alpha_prefix, x = _hillis_steele(alpha, b)
     x0 = x0[:, :, None]  # (batch, dim, 1, N)
     x = x0 + torch.addcmul(x, alpha_prefix, x0)  # (batch, dim, T, N): x_t = (a_1⋯a_t) x_0 + scan of b
-    return _readout(x, C, t0, t1), x[:, :, -1]
+    # The last state as a copy: a view would keep the whole (batch, dim, T, N) chunk alive in an inference cache.
+    return _readout(x, C, t0, t1), x[:, :, -1].clone()
 
 
 def _scan_parallel(u, delta, A, B, C, x0):

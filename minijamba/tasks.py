@@ -37,13 +37,14 @@ one attention layer (lesson 05).
 import math
 import time
 from dataclasses import dataclass
-from numbers import Integral
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minijamba.checks import positive_int
 from minijamba.jamba import JambaConfig, JambaLM
+from minijamba.lm import CausalLMOutput
 from minijamba.s6 import SelectiveSSM
 
 __all__ = [
@@ -63,11 +64,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: positions with this target carry no loss and no accuracy
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _generator(seed):
@@ -93,7 +89,7 @@ def selective_copying(batch, seq_len, n_data, vocab, seed=0):
     generator in state-spaces/s4 (`torch_copying_data` with variable=True). seed: an int or a torch.Generator.
     """
     for name, value in (("batch", batch), ("seq_len", seq_len), ("n_data", n_data), ("vocab", vocab)):
-        _check_positive_int(name, value)
+        positive_int(name, value)
     if vocab < 3:
         raise ValueError(f"vocab must be >= 3 (noise, at least one data token, marker), got {vocab}")
     if seq_len < 2 * n_data:
@@ -119,7 +115,7 @@ def induction_heads(batch, seq_len, vocab, seed=0):
     target is that answer. Targets are -100 everywhere else. seed: an int or a torch.Generator.
     """
     for name, value in (("batch", batch), ("seq_len", seq_len), ("vocab", vocab)):
-        _check_positive_int(name, value)
+        positive_int(name, value)
     if vocab < 2:
         raise ValueError(f"vocab must be >= 2 (a trigger and at least one other token), got {vocab}")
     if seq_len < 4:
@@ -147,7 +143,7 @@ def associative_recall(batch, n_pairs, n_queries, vocab, seed=0):
     Chance: 1 / (vocab - vocab // 2). seed: an int or a torch.Generator.
     """
     for name, value in (("batch", batch), ("n_pairs", n_pairs), ("n_queries", n_queries), ("vocab", vocab)):
-        _check_positive_int(name, value)
+        positive_int(name, value)
     n_keys = vocab // 2
     if n_pairs > n_keys:
         raise ValueError(f"vocab must be >= 2 * n_pairs = {2 * n_pairs} (distinct keys, then values), got {vocab}")
@@ -193,7 +189,7 @@ class TaskModel(nn.Module):
     def __init__(self, vocab, d_model=32, n_layers=2, d_state=16, selective=True, expand=2, scan_impl="auto"):
         super().__init__()
         for name, value in (("vocab", vocab), ("d_model", d_model), ("n_layers", n_layers), ("expand", expand)):
-            _check_positive_int(name, value)
+            positive_int(name, value)
         self.embedding = nn.Embedding(vocab, d_model)
         self.blocks = nn.ModuleList(
             _Block(d_model, expand * d_model, d_state, selective, scan_impl) for _ in range(n_layers)
@@ -202,10 +198,12 @@ class TaskModel(nn.Module):
         self.head = nn.Linear(d_model, vocab)
 
     def forward(self, tokens):
+        """tokens (batch, L) -> CausalLMOutput, as the LMs return: logits (batch, L, vocab), no aux loss, no routers."""
         x = self.embedding(tokens)  # (batch, L, d_model)
         for block in self.blocks:
             x = block(x)  # (batch, L, d_model)
-        return self.head(self.norm(x))  # (batch, L, vocab)
+        logits = self.head(self.norm(x))  # (batch, L, vocab)
+        return CausalLMOutput(logits, logits.new_zeros(()), ())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,17 +211,11 @@ class TaskModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _logits(model, inputs):
-    """model(inputs) as (batch, L, vocab) logits: a JambaLM returns a JambaOutput, whose `.logits` they are."""
-    out = model(inputs)
-    return getattr(out, "logits", out)
-
-
 @torch.no_grad()
 def answer_accuracy(model, inputs, targets):
     """The fraction of answer positions (targets != -100) where the model's argmax is the target."""
     mask = targets != IGNORE_INDEX  # (batch, L)
-    predictions = _logits(model, inputs).argmax(dim=-1)  # (batch, L)
+    predictions = model(inputs).logits.argmax(dim=-1)  # (batch, L)
     return (predictions[mask] == targets[mask]).float().mean().item()
 
 
@@ -242,12 +234,12 @@ def train_task(model, make_batch, steps, lr=3e-3, weight_decay=0.1, warmup=100, 
     training stream, and with generators seeded seed+1, seed+2, ... for the eval_batches of the eval set.
     AdamW, linear warmup then cosine decay to 0, gradient clipping at 1. Each history entry (every eval_every
     steps and at the end): {"step", "loss" (mean training loss since the last entry), "accuracy" (eval answer
-    accuracy), "seconds" (wall-clock since the start)}. model(inputs) returns the logits, or a JambaOutput whose
-    logits are used; the loss is the answers' cross-entropy alone (a JambaOutput's MoE aux_loss is not added).
+    accuracy), "seconds" (wall-clock since the start)}. model(inputs) returns a CausalLMOutput; the loss is the
+    answers' cross-entropy alone (an MoE model's aux_loss is not added).
     """
-    _check_positive_int("steps", steps)
-    _check_positive_int("eval_every", eval_every)
-    _check_positive_int("eval_batches", eval_batches)
+    positive_int("steps", steps)
+    positive_int("eval_every", eval_every)
+    positive_int("eval_batches", eval_batches)
     evals = [make_batch(torch.Generator().manual_seed(seed + 1 + i)) for i in range(eval_batches)]
     eval_inputs, eval_targets = (torch.cat(t) for t in zip(*evals, strict=True))
     train_rng = torch.Generator().manual_seed(seed)
@@ -261,7 +253,7 @@ def train_task(model, make_batch, steps, lr=3e-3, weight_decay=0.1, warmup=100, 
     for step in range(1, steps + 1):
         model.train()
         inputs, targets = make_batch(train_rng)
-        logits = _logits(model, inputs)  # (batch, L, vocab)
+        logits = model(inputs).logits  # (batch, L, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -374,6 +366,7 @@ class AssociativeRecallConfig:
             num_experts_per_tok=1,
             mamba_d_state=self.mamba_d_state,
             rope=self.rope,
+            scan_impl=self.scan_impl,
         )
 
 
@@ -407,9 +400,6 @@ def associative_recall_experiment(config=None, seed=0, layouts=LAYOUTS, return_m
         model_config = config.model_config(layout)
         torch.manual_seed(seed)
         model = models[layout] = JambaLM(model_config)
-        for layer in model.layers:
-            if layer.kind == "mamba":
-                layer.mamba.ssm.scan_impl = config.scan_impl
         histories[layout] = train_task(
             model, make_batch, config.steps, lr=config.lr, warmup=config.warmup, eval_every=config.eval_every, seed=seed
         )

@@ -54,9 +54,9 @@ from tqdm import tqdm
 from . import data
 from .checkpoint import _atomic_write
 from .download import DEFAULT_DIR, check_downloaded
-from .jamba import JambaConfig, JambaLM, JambaOutput, count_parameters
-from .mamba import MambaConfig, MambaLM
-from .s6 import SelectiveSSM
+from .jamba import JambaConfig
+from .mamba import MambaConfig
+from .models import build_model, count_parameters, load_pretrained
 from .scan import FUSED_IMPLS
 from .tasks import param_groups
 
@@ -67,8 +67,6 @@ __all__ = [
     "LOGS_DIR",
     "TrainingDiverged",
     "model_config",
-    "build_model",
-    "parameter_counts",
     "compute_loss",
     "lr_at",
     "train",
@@ -198,8 +196,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def model_config(cfg):
-    """The model's config for a TrainConfig: its preset's shape at the tokenizer's vocabulary size."""
-    shape = dict(PRESETS[cfg.preset][cfg.model]["shape"], vocab_size=cfg.vocab_size)
+    """The model's config for a TrainConfig: its preset's shape at the tokenizer's vocabulary size, scanning with
+    cfg.scan_impl."""
+    shape = dict(PRESETS[cfg.preset][cfg.model]["shape"], vocab_size=cfg.vocab_size, scan_impl=cfg.scan_impl)
     if cfg.model == "mamba":
         return MambaConfig(**shape)
     if cfg.model == "transformer":
@@ -207,35 +206,11 @@ def model_config(cfg):
     return JambaConfig(**shape)
 
 
-def build_model(config, scan_impl="auto"):
-    """JambaLM for a JambaConfig, MambaLM for a MambaConfig; its Mamba layers scan with `scan_impl`."""
-    model = MambaLM(config) if isinstance(config, MambaConfig) else JambaLM(config)
-    return set_scan_impl(model, scan_impl)
-
-
-def set_scan_impl(model, scan_impl):
-    for module in model.modules():
-        if isinstance(module, SelectiveSSM):
-            module.scan_impl = scan_impl
-    return model
-
-
-def parameter_counts(model):
-    """(total, active per token): MoE layers count num_experts_per_tok of their experts as active."""
-    if isinstance(model, JambaLM):
-        return tuple(count_parameters(model.config))
-    total = sum(p.numel() for p in model.parameters())
-    return total, total
-
-
 def compute_loss(model, inputs, targets, aux_loss_coef=0.0):
-    """(loss to minimise, cross-entropy in nats/token): the LM loss plus aux_loss_coef · a JambaLM's MoE aux loss."""
+    """(loss to minimise, cross-entropy in nats/token): the LM loss plus aux_loss_coef · the MoE aux loss."""
     out = model(inputs)
-    logits = out.logits if isinstance(out, JambaOutput) else out  # (batch, context, vocab)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    if isinstance(out, JambaOutput):
-        return ce + aux_loss_coef * out.aux_loss, ce
-    return ce, ce
+    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())  # logits (batch, context, vocab)
+    return ce + aux_loss_coef * out.aux_loss, ce
 
 
 def lr_at(cfg, step, elapsed):
@@ -305,9 +280,7 @@ def load_run(path, device="cpu"):
     """(model, tokenizer, TrainConfig) from a checkpoint or run folder; safetensors weights, weights_only state."""
     ckpt = checkpoint_dir(path)
     cfg = TrainConfig(**json.loads((ckpt / "train_config.json").read_text()))
-    config_json = json.loads((ckpt / "config.json").read_text())
-    cls = MambaLM if config_json.get("model_type") == "mamba" else JambaLM
-    return cls.from_pretrained(ckpt, device=device), data.load_tokenizer(ckpt), cfg
+    return load_pretrained(ckpt, device=device), data.load_tokenizer(ckpt), cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,8 +298,7 @@ def evaluate(model, inputs, targets, token_bytes, batch_size, autocast, rank=0, 
     for i in range(0, len(mine), batch_size):
         x, y = inputs[mine[i : i + batch_size]].to(device), targets[mine[i : i + batch_size]].to(device)
         with autocast:
-            out = model(x)
-        logits = out.logits if isinstance(out, JambaOutput) else out  # (batch, context, vocab)
+            logits = model(x).logits  # (batch, context, vocab)
         sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
         sums[1] += y.numel()
         sums[2] += token_bytes[y.cpu()].sum().item()
@@ -425,10 +397,9 @@ def train(cfg):
     tokenizer = data.load_tokenizer(resume_from) if resume_from is not None else None
     tokenizer, train_stream, valid_stream = _load_data(cfg, tokenizer, say)
     if resume_from is None:
-        model = build_model(mconfig, cfg.scan_impl)
+        model = build_model(mconfig)
     else:
-        model_class = MambaLM if isinstance(mconfig, MambaConfig) else JambaLM
-        model = set_scan_impl(model_class.from_pretrained(resume_from), cfg.scan_impl)
+        model = load_pretrained(resume_from, scan_impl=cfg.scan_impl)
     model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     generator = torch.Generator().manual_seed(cfg.seed)  # the batches: the same on every rank
@@ -441,12 +412,12 @@ def train(cfg):
         say(f"resumed from {resume_from} at step {step}")
     raw_model = model
     if world > 1:
-        moe = isinstance(mconfig, JambaConfig) and any(mconfig.moe_layers)  # an expert may get no token in a step
+        moe = any(layer.is_moe for layer in raw_model.layers)  # an expert may get no token in a step
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=moe)
     if cfg.compile:
         model = torch.compile(model)
 
-    total, active = parameter_counts(raw_model)
+    total, active = count_parameters(mconfig)
     token_bytes = data.token_bytes(tokenizer)
     val_inputs, val_targets = data.eval_windows(valid_stream, cfg.eval_windows, cfg.context)
     log_path = out_dir / "log.jsonl"
@@ -481,7 +452,7 @@ def train(cfg):
         return metrics
 
     rows_per_rank = cfg.batch_size // world
-    aux_loss_coef = getattr(mconfig, "router_aux_loss_coef", 0.0)  # MambaLM has no experts
+    aux_loss_coef = raw_model.aux_loss_coef  # 0 for MambaLM, which has no experts
     tokens_per_step = cfg.batch_size * cfg.context
     losses, start = [], time.perf_counter() - elapsed  # the clock continues a resumed run's
     session_start, session_step = time.perf_counter(), step

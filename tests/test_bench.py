@@ -33,7 +33,7 @@ def test_decode_benchmark_prints_its_table(capsys):
 def test_decode_layouts_have_equal_size():
     """The three layouts differ in their mixers, not in their parameter count (within 0.5%)."""
     from minijamba.bench.decode import LAYOUTS, layout_config
-    from minijamba.jamba import count_parameters
+    from minijamba.models import count_parameters
 
     sizes = [count_parameters(layout_config(layout, 256, 8, 8, 256)).total for layout in LAYOUTS]
     assert max(sizes) / min(sizes) < 1.005, sizes

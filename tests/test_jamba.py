@@ -13,18 +13,10 @@ from safetensors.torch import load_file
 from tolerances import assert_close
 
 from minijamba.checkpoint import CheckpointError
-from minijamba.jamba import (
-    PARTS,
-    PRESETS,
-    HybridCache,
-    JambaConfig,
-    JambaLM,
-    cache_bytes,
-    count_parameters,
-    longest_context,
-    parameters_by_part,
-)
+from minijamba.jamba import PRESETS, JambaConfig, JambaLM
+from minijamba.lm import LMCache
 from minijamba.mamba import MambaMixer
+from minijamba.models import PARTS, cache_bytes, count_parameters, longest_context, parameters_by_part
 from minijamba.moe import load_balancing_loss
 
 try:
@@ -156,7 +148,7 @@ def test_chunked_prefill_matches_forward(layout, head_pair, batch, L, seed, data
 @given(layout=layouts(), head_pair=heads(), batch=batch, L=seq_len, seed=seeds)
 @settings(max_examples=20)
 def test_cache_bytes_is_what_the_cache_holds(dtype, layout, head_pair, batch, L, seed):
-    """cache_bytes(config, batch, T) == HybridCache.nbytes after T tokens, prefilled or stepped."""
+    """cache_bytes(config, batch, T) == LMCache.nbytes after T tokens, prefilled or stepped."""
     config = small(layout, head_pair)
     model = make_model(seed, dtype, **config)
     cache = model.new_cache(batch)
@@ -297,11 +289,11 @@ def test_bad_inputs():
     model = make_model(0, **PRESETS["tiny"])
     with pytest.raises(ValueError, match="batch"):
         model(tokens(3, 4, 64, 0), model.new_cache(2))
-    with pytest.raises(ValueError, match="HybridCache"):
+    with pytest.raises(ValueError, match="LMCache"):
         model.step(torch.tensor([1]), None)
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.zeros(2, 0, dtype=torch.long))
-    assert isinstance(model.new_cache(1), HybridCache)
+    assert type(model.new_cache(1)) is LMCache
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ from tolerances import assert_close
 
 from minijamba import reference as ref
 from minijamba.checkpoint import CheckpointError
-from minijamba.mamba import MambaConfig, MambaLM, depthwise_causal_conv, sample_next
+from minijamba.generation import sample_next
+from minijamba.mamba import MambaConfig, MambaLM, depthwise_causal_conv
 
 try:
     import transformers
@@ -96,17 +97,17 @@ def test_step_matches_forward(
     model = make_model(seed, dtype, inner_norms=inner_norms, vocab_size=11, **config)
     ids = tokens(batch, L, 11, seed)
     whole = model.new_cache(batch)
-    logits = model(ids, whole)  # (batch, L, vocab)
-    assert torch.equal(logits, model(ids)), "a fresh cache must change nothing"
+    logits = model(ids, whole).logits  # (batch, L, vocab)
+    assert torch.equal(logits, model(ids).logits), "a fresh cache must change nothing"
 
     cache = model.new_cache(batch)
-    parts = [model(ids[:, :k], cache)] if k else []
+    parts = [model(ids[:, :k], cache).logits] if k else []
     parts += [model.step(ids[:, t], cache)[:, None] for t in range(k, L)]
     tol = STEP_TOL[dtype]
     assert_close(torch.cat(parts, dim=1), logits, tol, f"prefill {k} + step vs forward: logits")
     for i in range(n_layer):
-        assert_close(cache.conv_states[i], whole.conv_states[i], tol, f"layer {i} conv_state")
-        assert_close(cache.ssm_states[i], whole.ssm_states[i], tol, f"layer {i} ssm_state")
+        assert_close(cache.states[i][0], whole.states[i][0], tol, f"layer {i} conv_state")
+        assert_close(cache.states[i][1], whole.states[i][1], tol, f"layer {i} ssm_state")
     assert cache.seqlen == whole.seqlen == L
 
 
@@ -120,19 +121,19 @@ def test_chunked_prefill_matches_forward(d_model, d_state, d_conv, inner_norms, 
     model = make_model(seed, d_model=d_model, d_state=d_state, d_conv=d_conv, inner_norms=inner_norms, vocab_size=7)
     ids = tokens(batch, L, 7, seed)
     whole = model.new_cache(batch)
-    logits = model(ids, whole)
+    logits = model(ids, whole).logits
     cache, parts = model.new_cache(batch), []
     for t0, t1 in zip([0, *cuts], [*cuts, L], strict=True):
         if t1 > t0:
-            parts.append(model(ids[:, t0:t1], cache))
+            parts.append(model(ids[:, t0:t1], cache).logits)
     assert_close(torch.cat(parts, dim=1), logits, "mamba_step_float64", f"chunks at {cuts} vs whole")
-    assert_close(cache.ssm_states[-1], whole.ssm_states[-1], "mamba_step_float64", "last ssm_state")
-    assert_close(cache.conv_states[-1], whole.conv_states[-1], "mamba_step_float64", "last conv_state")
+    assert_close(cache.states[-1][1], whole.states[-1][1], "mamba_step_float64", "last ssm_state")
+    assert_close(cache.states[-1][0], whole.states[-1][0], "mamba_step_float64", "last conv_state")
 
 
 def held_bytes(cache):
     """Bytes of the storage behind the cache's tensors: more than cache.nbytes if one is a view into a bigger tensor."""
-    return sum(t.untyped_storage().nbytes() for t in (*cache.conv_states, *cache.ssm_states))
+    return sum(t.untyped_storage().nbytes() for t in (t for state in cache.states for t in state))
 
 
 def test_cache_does_not_grow():
@@ -142,7 +143,7 @@ def test_cache_does_not_grow():
     batch, d_inner = 2, 16
     expected_bytes = 2 * batch * d_inner * (4 + 4) * 4
     cache = model.new_cache(batch)
-    shapes = [(c.shape, s.shape) for c, s in zip(cache.conv_states, cache.ssm_states, strict=True)]
+    shapes = [(c.shape, s.shape) for c, s in cache.states]
     assert shapes == [((batch, d_inner, 4), (batch, d_inner, 4))] * 2
     assert cache.nbytes == expected_bytes
     model(tokens(batch, 1, 7, 0), cache)
@@ -152,7 +153,7 @@ def test_cache_does_not_grow():
         assert held_bytes(cache) == cache.nbytes == expected_bytes
         for t in range(10):
             model.step(torch.tensor([t % 7, 3]), cache)
-        assert [(c.shape, s.shape) for c, s in zip(cache.conv_states, cache.ssm_states, strict=True)] == shapes
+        assert [(c.shape, s.shape) for c, s in cache.states] == shapes
         assert held_bytes(cache) == cache.nbytes == expected_bytes
     assert cache.seqlen == 1 + 50 + 300 + 30
 
@@ -161,7 +162,7 @@ def test_every_parameter_gets_a_gradient():
     model = make_model(0, torch.float32, d_model=8, d_state=3, n_layer=2, vocab_size=7, inner_norms=True, bias=True)
     with torch.enable_grad():
         torch.nn.functional.cross_entropy(
-            model(tokens(2, 9, 7, 0)).flatten(0, 1), tokens(2, 9, 7, 1).flatten()
+            model(tokens(2, 9, 7, 0)).logits.flatten(0, 1), tokens(2, 9, 7, 1).flatten()
         ).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
@@ -171,7 +172,7 @@ def test_cache_batch_must_match():
     model = make_model(0, d_model=4, vocab_size=5)
     with pytest.raises(ValueError, match="batch"):
         model(tokens(3, 4, 5, 0), model.new_cache(2))
-    with pytest.raises(ValueError, match="MambaCache"):
+    with pytest.raises(ValueError, match="LMCache"):
         model.step(torch.tensor([1]), None)
 
 
@@ -307,7 +308,7 @@ def test_hf_checkpoint_loads_with_the_same_logits(
     model = MambaLM.from_pretrained(path)
     ids = tokens(batch, L, vocab_size, seed)
     with torch.no_grad():
-        assert_close(model(ids), hf(ids).logits, "hf_parity", "logits vs transformers")
+        assert_close(model(ids).logits, hf(ids).logits, "hf_parity", "logits vs transformers")
         ours = model.generate(ids, max_new_tokens=6, temperature=0)
         theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     assert torch.equal(ours, theirs), f"greedy generations differ:\nours   {ours}\ntheirs {theirs}"
@@ -324,7 +325,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path_factory, d_model, d_stat
     hf = transformers.MambaForCausalLM.from_pretrained(path).eval()
     ids = tokens(2, 10, 9, seed)
     with torch.no_grad():
-        assert_close(hf(ids).logits, model(ids), "hf_parity", "transformers on our checkpoint vs ours")
+        assert_close(hf(ids).logits, model(ids).logits, "hf_parity", "transformers on our checkpoint vs ours")
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
@@ -339,7 +340,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert loaded.config == model.config
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert loaded.lm_head.weight is loaded.embedding.weight
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
 
 
 def test_pytorch_model_bin_loads(tmp_path):
@@ -349,7 +350,7 @@ def test_pytorch_model_bin_loads(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     torch.save(tensors, tmp_path / "pytorch_model.bin")
     ids = tokens(1, 6, 5, 0)
-    assert torch.equal(MambaLM.from_pretrained(tmp_path)(ids), model(ids))
+    assert torch.equal(MambaLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,8 +438,8 @@ def test_init_is_the_official_one():
     torch.manual_seed(0)
     config = MambaConfig(d_model=256, n_layer=4, vocab_size=1000, d_state=8, bias=True)
     model = MambaLM(config)
-    assert model.lm_head.weight is model.embedding.weight
-    assert abs(model.embedding.weight.std().item() - 0.02) < 0.002
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert abs(model.embed_tokens.weight.std().item() - 0.02) < 0.002
     d_inner, N = config.d_inner, config.d_state
     for layer in model.layers:
         mixer = layer.mixer
@@ -478,7 +479,7 @@ def test_generate_greedy_is_argmax_of_forward():
     out = model.generate(ids, max_new_tokens=7, temperature=0)
     expected = ids
     for _ in range(7):
-        expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        expected = torch.cat([expected, model(expected).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, expected)
     assert torch.equal(model.generate(ids, 7, temperature=0.7, top_k=1, seed=5), expected)  # top-1 is greedy
     assert torch.equal(model.generate(ids, 0), ids)

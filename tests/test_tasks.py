@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from minijamba.lm import CausalLMOutput
 from minijamba.tasks import (
     IGNORE_INDEX,
     LAYOUTS,
@@ -133,19 +134,19 @@ def test_task_model_shapes(selective):
     torch.manual_seed(0)
     model = TaskModel(vocab=10, d_model=8, n_layers=2, d_state=4, selective=selective)
     inputs, targets = selective_copying(3, 20, 4, 10)
-    assert model(inputs).shape == (3, 20, 10)
+    assert model(inputs).logits.shape == (3, 20, 10)
     assert 0.0 <= answer_accuracy(model, inputs, targets) <= 1.0
 
 
 def test_answer_accuracy_scores_only_the_answers():
     inputs, targets = selective_copying(4, 24, 4, 10)
 
-    def oracle(tokens):  # right at the answers, wrong everywhere else
+    def oracle(tokens, sign=1):  # right at the answers, wrong everywhere else
         right = torch.where(targets == IGNORE_INDEX, 0, targets)
-        return torch.nn.functional.one_hot(right, 10).float()
+        return CausalLMOutput(sign * torch.nn.functional.one_hot(right, 10).float(), torch.zeros(()), ())
 
     assert answer_accuracy(oracle, inputs, targets) == 1.0
-    assert answer_accuracy(lambda t: -oracle(t), inputs, targets) == 0.0
+    assert answer_accuracy(lambda t: oracle(t, -1), inputs, targets) == 0.0
 
 
 def test_train_task_history():

@@ -81,7 +81,7 @@ def test_the_first_step_is_the_documented_one(tmp_path):
     trained, tokenizer, _ = load_run(tmp_path)
     torch.manual_seed(cfg.seed)
     config = train_module.model_config(cfg)
-    model = train_module.build_model(config, cfg.scan_impl)
+    model = train_module.build_model(config)
     stream = data.encode_stories(tokenizer, data.split_stories(data.read_text("train"))[: cfg.max_stories])
     inputs, targets = data.get_batch(stream, cfg.batch_size, cfg.context, torch.Generator().manual_seed(cfg.seed))
     optimizer = torch.optim.AdamW(train_module.param_groups(model, cfg.weight_decay), lr=cfg.lr,

@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..jamba import JambaConfig, JambaLM, count_parameters
+from ..jamba import JambaConfig, JambaLM
+from ..models import count_parameters
 from ..plotting import save_figure
 from .measure import best_time, describe_machine
 
@@ -57,11 +58,12 @@ def _mixers(layout, n_layer, attn_period):
 
 def layout_config(layout, d_model, n_layer, attn_period, vocab_size):
     """The JambaConfig of one layout, its MLP width chosen so it has as many parameters as the Mamba layout with an
-    MLP of width 2·d_model (parameters grow by 3·d_model·n_layer per unit of width: gate, up, down)."""
+    MLP of width 2·d_model (parameters grow by 3·d_model·n_layer per unit of width: gate, up, down). Its Mamba layers
+    scan with "auto", the fused kernel where it builds: a benchmark measures the fast path."""
     heads = max(1, d_model // 64)
     common = dict(
         vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layer, num_attention_heads=heads,
-        num_key_value_heads=heads, num_experts=1, num_experts_per_tok=1,
+        num_key_value_heads=heads, num_experts=1, num_experts_per_tok=1, scan_impl="auto",
     )  # fmt: skip
 
     def size(layout, width):
