@@ -31,7 +31,7 @@ format: setup ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff format minijamba tests lessons
 
 test: lint ## lint, every test, every lesson (nbmake), then the student edition run top to bottom
-	$(HEADLESS) $(PY) -m pytest tests
+	$(HEADLESS) $(PY) -m pytest --durations=15 tests
 	$(HEADLESS) $(PY) -m pytest --nbmake --nbmake-timeout=600 --durations=0 lessons
 	$(HEADLESS) $(PY) -m minijamba.student --execute
 

@@ -1,15 +1,19 @@
 """Reading and writing Hugging Face-style checkpoints safely: the parts every model family shares.
 
 A Hugging Face checkpoint is a directory with `config.json` and the weights, as `model.safetensors`, as
-`pytorch_model.bin`, or sharded with a `*.index.json` naming the shard of every tensor. The model files
-(`mamba.py`, later `jamba.py`) own their config fields and their table of parameter names; this file only moves
-named tensors between disk and a dict, and checks them:
+`pytorch_model.bin`, or sharded with a `*.index.json` naming the shard of every tensor. A model may be stored in
+more than one such layout (MambaLM: HF transformers' and the official mamba_ssm package's): each `Layout` names its
+config.json format, its parameter names and its weights file. The model files (`mamba.py`, `jamba.py`) own their
+config fields and their tables of parameter names; this file only moves named tensors between disk and a dict, and
+checks them:
 
     resolve_checkpoint_dir   a local directory, or a Hub repo id fetched with huggingface_hub when installed
     load_tensors             every tensor of the directory, by name: safetensors, or torch.load(weights_only=True)
     check_tensors            the key set and shapes against the model's: one error naming every difference
     rename                   our parameter name -> the checkpoint's, from a table of prefix patterns
-    save_checkpoint          config.json + model.safetensors, each written to a temp file then os.replace'd
+    save_checkpoint          config.json + the weights (model.safetensors or pytorch_model.bin), each written to
+                             a temp file then os.replace'd
+    Layout                   one way of storing a model: config.json format, name table, weights file
     HFCheckpointMixin        from_pretrained / save_pretrained for a model class, built from the pieces above
 
 Safety: a pickle can run any code while it loads, so `.bin` files are read only with torch's weights_only
@@ -21,6 +25,7 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +40,8 @@ __all__ = [
     "check_tensors",
     "rename",
     "save_checkpoint",
+    "atomic_write",
+    "Layout",
     "HFCheckpointMixin",
 ]
 
@@ -171,8 +178,14 @@ def rename(name, table):
     raise KeyError(f"no entry of the name table matches {name!r}")
 
 
-def _atomic_write(path, write):
-    """write(tmp_path) into a temp file beside `path`, then os.replace it: readers never see a half-written file."""
+def atomic_write(path, write):
+    """write(tmp_path) into a temp file beside `path`, then os.replace it: readers never see a half-written file.
+
+    Every file the package writes for a reader to find later goes through here (checkpoints, tokenizers, token
+    caches, training logs and state). On any failure, an interrupt included, the temp file is removed and `path`
+    keeps its old content (or stays absent).
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is an atomic rename
     try:
         write(tmp)
@@ -182,9 +195,22 @@ def _atomic_write(path, write):
         raise
 
 
-def save_checkpoint(directory, config, tensors):
-    """Write config (a JSON-able dict) and tensors ({name: tensor}, no two sharing memory) in the HF layout."""
+def save_checkpoint(directory, config, tensors, weights_file="model.safetensors"):
+    """Write config (a JSON-able dict) and tensors ({name: tensor}) as config.json + weights_file.
+
+    weights_file "model.safetensors" (tensors may not share memory) or "pytorch_model.bin" (torch.save; CPU tensors
+    that share memory, such as a tied head stored beside its embedding, are stored once; off the CPU, each is copied
+    on its own). A directory that already holds another weights file is refused: load_tensors would read that one.
+    """
+    if weights_file not in ("model.safetensors", "pytorch_model.bin"):
+        raise ValueError(f"weights_file must be 'model.safetensors' or 'pytorch_model.bin', got {weights_file!r}")
     directory = Path(directory)
+    others = [name for name in WEIGHT_FILES if name != weights_file and (directory / name).exists()]
+    if others:
+        raise CheckpointError(
+            f"{directory} already holds {', '.join(others)}, which from_pretrained could read instead of the "
+            f"{weights_file} being written: save into an empty directory, or delete it first"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
@@ -193,49 +219,105 @@ def save_checkpoint(directory, config, tensors):
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
 
+    def write_weights(tmp):
+        if weights_file == "pytorch_model.bin":
+            torch.save(tensors, tmp)
+        else:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+
     # Weights first: config.json appears (or changes) last, once the weights it describes are in place.
-    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / "config.json", write_config)
+    atomic_write(directory / weights_file, write_weights)
+    atomic_write(directory / "config.json", write_config)
     return directory
 
 
-class HFCheckpointMixin:
-    """`from_pretrained` / `save_pretrained` in a Hugging Face layout, for a model class that defines
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One way of storing a model on disk; from_pretrained reports its `name` (model.checkpoint_layout)."""
 
-    config_class   a config dataclass with `from_hf(config.json dict)` and `to_hf()`
-    HF_NAMES       its (our prefix, HF prefix) table for `rename`
-    HF_EMBEDDING   the checkpoint name of the input embedding's weight
-    tied_head      True when lm_head shares the embedding's weight: the head is then not stored (HF neither)
+    name: str  # "hf", "mamba_ssm": what from_pretrained reports, and its errors say
+    names: tuple  # (our prefix, checkpoint prefix) pairs for `rename`
+    embedding: str  # the checkpoint name of the input embedding's weight
+    from_config: Callable  # config.json dict -> the model's config
+    to_config: Callable  # the model's config -> config.json dict
+    weights_file: str = "model.safetensors"  # what save_pretrained writes
+    stores_tied_head: bool = False  # a tied lm_head stored anyway (torch state_dicts hold it), or left out (HF)
+    recognizes: Callable = None  # config.json dict -> whether it is in this layout; None: the default layout
+
+
+class HFCheckpointMixin:
+    """`from_pretrained` / `save_pretrained` in a Hugging Face layout (and others), for a model class that defines
+
+    config_class    a config dataclass with `from_hf(config.json dict)` and `to_hf()`
+    HF_NAMES        its (our prefix, HF prefix) table for `rename`
+    HF_EMBEDDING    the checkpoint name of the input embedding's weight
+    tied_head       True when lm_head shares the embedding's weight: the head is then not stored (HF neither)
+    OTHER_LAYOUTS   (optional) more Layouts; from_pretrained reads the first whose `recognizes(config.json)` holds,
+                    else the HF layout
     """
 
-    def _hf_names(self):
-        """{our state_dict name: HF checkpoint name} for every tensor a checkpoint stores."""
-        names = {name: rename(name, self.HF_NAMES) for name in self.state_dict()}
-        if self.tied_head:
+    OTHER_LAYOUTS = ()
+    checkpoint_layout = None  # the Layout.name from_pretrained read ("hf", "mamba_ssm"); None for a fresh model
+
+    @classmethod
+    def checkpoint_layouts(cls):
+        """{name: Layout} of every layout this class reads and writes, "hf" first."""
+        hf = Layout("hf", cls.HF_NAMES, cls.HF_EMBEDDING, cls.config_class.from_hf, cls.config_class.to_hf)
+        return {layout.name: layout for layout in (hf, *cls.OTHER_LAYOUTS)}
+
+    @classmethod
+    def _detect_layout(cls, config_json):
+        layouts = cls.checkpoint_layouts()
+        return next((x for x in layouts.values() if x.recognizes and x.recognizes(config_json)), layouts["hf"])
+
+    def _checkpoint_names(self, layout):
+        """{our state_dict name: checkpoint name} for every tensor a checkpoint in `layout` stores."""
+        names = {name: rename(name, layout.names) for name in self.state_dict()}
+        if self.tied_head and not layout.stores_tied_head:
             del names["lm_head.weight"]
         return names
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, device=None, dtype=None, **overrides):
-        """Load a HF checkpoint (config.json + weights) from a directory or the Hub, checking every key and shape.
+        """Load a checkpoint (config.json + weights) from a directory or the Hub, checking every key and shape.
 
+        The layout is read off config.json (see OTHER_LAYOUTS) and kept in `model.checkpoint_layout`.
         overrides: config fields to set on the loaded config, e.g. scan_impl="cpu" (a choice checkpoints do not store).
         """
         directory = resolve_checkpoint_dir(path_or_repo_id)
-        config = dataclasses.replace(cls.config_class.from_hf(load_config(directory)), **overrides)
-        model = cls(config, device=device, dtype=dtype)
+        config_json = load_config(directory)
+        layout = cls._detect_layout(config_json)
+        source = f"checkpoint {directory} ({layout.name} layout)"
+        try:
+            config = layout.from_config(config_json)
+        except ValueError as e:  # CheckpointError too: a config.json this layout cannot build the model from
+            raise CheckpointError(f"{source}: {e}") from e
+        model = cls(dataclasses.replace(config, **overrides), device=device, dtype=dtype)
         tensors = load_tensors(directory)
-        names, ours = model._hf_names(), model.state_dict()
-        head, embedding = tensors.get("lm_head.weight"), tensors.get(cls.HF_EMBEDDING)
-        if model.tied_head and head is not None and embedding is not None and torch.equal(head, embedding):
-            del tensors["lm_head.weight"]  # a tied head stored anyway: it carries nothing new
-        check_tensors(tensors, {hf: ours[name].shape for name, hf in names.items()}, f"checkpoint {directory}")
+        names, ours = model._checkpoint_names(layout), model.state_dict()
+        head_name = rename("lm_head.weight", layout.names)
+        head, embedding = tensors.get(head_name), tensors.get(layout.embedding)
+        if model.tied_head and head is not None and embedding is not None and head.shape == embedding.shape:
+            if not torch.equal(head, embedding):
+                raise CheckpointError(
+                    f"{source}: config.json ties the LM head to the embedding, but the stored {head_name} "
+                    f"differs from {layout.embedding}"
+                )
+            if not layout.stores_tied_head:
+                del tensors[head_name]  # a tied head stored anyway: it carries nothing new
+        check_tensors(tensors, {ckpt: ours[name].shape for name, ckpt in names.items()}, source)
         with torch.no_grad():
-            for name, hf in names.items():
-                ours[name].copy_(tensors[hf])
+            for name, ckpt in names.items():
+                ours[name].copy_(tensors[ckpt])
+        model.checkpoint_layout = layout.name
         return model
 
-    def save_pretrained(self, directory):
-        """Write config.json + model.safetensors in the HF layout (loadable by transformers), atomically."""
-        ours = self.state_dict()
-        return save_checkpoint(directory, self.config.to_hf(), {hf: ours[n] for n, hf in self._hf_names().items()})
+    def save_pretrained(self, directory, layout="hf"):
+        """Write config.json + weights in `layout` ("hf": model.safetensors, loadable by transformers), atomically."""
+        layouts = self.checkpoint_layouts()
+        if layout not in layouts:
+            raise ValueError(f"layout must be one of {list(layouts)}, got {layout!r}")
+        chosen, ours = layouts[layout], self.state_dict()
+        config = chosen.to_config(self.config)  # first: it refuses a config the layout cannot express
+        tensors = {ckpt: ours[name] for name, ckpt in self._checkpoint_names(chosen).items()}
+        return save_checkpoint(directory, config, tensors, chosen.weights_file)

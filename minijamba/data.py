@@ -31,12 +31,13 @@ Glossary: context — T, the window length;  batch — B windows per step;  EOT 
 import hashlib
 import lzma
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .checkpoint import atomic_write
 
 __all__ = [
     "EOT",
@@ -100,11 +101,9 @@ def train_tokenizer(stories, vocab_size):
 
 
 def save_tokenizer(tokenizer, directory):
-    """Write tokenizer.json into `directory` (a temp file, then an atomic rename)."""
+    """Write tokenizer.json into `directory` (atomic_write: a temp file, then a rename)."""
     path = Path(directory) / TOKENIZER_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tokenizer.save(str(tmp))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tokenizer.save(str(tmp)))
     return path
 
 
@@ -147,15 +146,15 @@ def encode_file(tokenizer, path, block_chars=1 << 26):
 
     The text is read in blocks of block_chars characters and split at EOT, so memory stays at one block whatever
     the file's size (the full training text is about 2 GB). The cache is named after the tokenizer's hash, so another
-    tokenizer gets its own; it is written to a temp file and renamed, so an interrupted encoding is never reused.
+    tokenizer gets its own; it is written by atomic_write, so an interrupted encoding is never reused.
     """
     if tokenizer.get_vocab_size() > 1 << 16:
         raise ValueError(f"encode_file stores uint16 ids: vocab_size {tokenizer.get_vocab_size()} > 65536")
     path = Path(path)
     digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:12]
     cache = path.with_name(f"{path.stem}.{digest}.bin")
-    if not cache.exists():
-        tmp = cache.with_name(cache.name + ".tmp")
+
+    def write(tmp):
         with open(path, encoding="utf-8") as f, open(tmp, "wb") as out:
             rest = ""
             while block := f.read(block_chars):
@@ -163,7 +162,9 @@ def encode_file(tokenizer, path, block_chars=1 << 26):
                 encode_stories(tokenizer, [s.strip() for s in stories if s.strip()]).astype(np.uint16).tofile(out)
             if rest.strip():
                 encode_stories(tokenizer, [rest.strip()]).astype(np.uint16).tofile(out)
-        os.replace(tmp, cache)
+
+    if not cache.exists():
+        atomic_write(cache, write)
     return np.memmap(cache, dtype=np.uint16, mode="r")
 
 

@@ -101,6 +101,7 @@ def download(url, dest, sha256=None, retries=5, timeout=60, progress=True):
     if sha256 is not None and (actual := _sha256(part)) != sha256:
         part.unlink()
         raise DownloadError(f"{url}: sha256 {actual} does not match the expected {sha256}; the file was deleted")
+    # Not checkpoint.atomic_write, which deletes its temp file on failure: the .part must survive one, to be resumed.
     os.replace(part, dest)
     return dest
 

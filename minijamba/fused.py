@@ -10,10 +10,11 @@ so a fast scan keeps each channel's N states on chip while the sequence streams 
 Both backward passes recompute the states chunk by chunk from the states the forward saved at chunk starts,
 so training memory is O(L / chunk · N) per channel on top of the inputs and outputs.
 
-`load("cpu")` / `load("cuda")` build an extension with torch.utils.cpp_extension on the first call (about 25 s
-for the CPU one; cached in TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default, afterwards; the CUDA one
-under a name that says which torch, CUDA and GPU architectures it was built for: cuda_build_name). A failed
-build raises BuildError, and is remembered so a process tries only once.
+`load(kind)` compiles an extension with torch.utils.cpp_extension on its first call and caches it in
+TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions by default), where later processes load it without compiling; the
+CUDA one under a name that says which torch, CUDA and GPU architectures it was built for (cuda_build_name). A
+failed build raises BuildError, and is remembered so a process tries only once. The kinds, FUSED_IMPLS, and their
+devices are defined in minijamba.scan, which imports this module only when a fused impl or "auto" is asked for.
 
 Glossary (code name — Mamba paper): u — x;  delta — Δ;  A, B, C, D — A, B, C, D;  z — the gate branch;
 dim — D;  d_state — N;  chunk_states — the states at chunk starts, saved for the backward.
@@ -25,13 +26,13 @@ from pathlib import Path
 
 import torch
 
+from .scan import FUSED_IMPLS
+
 __all__ = [
     "BuildError",
     "CUDA_SOURCES",
     "EMULATOR_SOURCES",
     "build_emulated",
-    "DEVICES",
-    "KINDS",
     "load",
     "load_emulated_variant",
     "kernel_constants",
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
-KINDS = ("cpu", "cuda", "cuda-emulated")
 # CUDA's execution model on the CPU (cuda/emulator/cuda_emulator.h): the scheduler, and the finder of __shared__
 EMULATOR_SOURCES = ["emulator/cuda_emulator.cpp", "emulator/shared_memory.cpp"]
 CUDA_SOURCES = {
@@ -51,7 +51,6 @@ CUDA_SOURCES = {
     # selective_scan.cu itself, compiled as host C++ under the execution model of cuda/emulator/
     "cuda-emulated": ["binding.cpp", *EMULATOR_SOURCES, "emulator/selective_scan_emulated.cpp"],
 }
-DEVICES = {"cpu": "cpu", "cuda": "cuda", "cuda-emulated": "cpu"}  # where each kind's tensors live
 # Not -march=native (the binary must run on any x86-64 machine; cpu_math.h dispatches to AVX2 at load time
 # instead) and not -ffast-math (it licenses reordering sums and ignoring NaN and inf). -fno-trapping-math changes
 # no value: it only lets the compiler turn the clamps and ?: choices of cpu_math.h and scan_op.h into vector blends
@@ -238,9 +237,10 @@ def _build(kind):
 
 
 def load(kind):
-    """The built extension for kind "cpu" or "cuda" (built on the first call); raises BuildError if it cannot be."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    """The built extension for kind "cpu", "cuda" or "cuda-emulated" (built on the first call); raises BuildError
+    if it cannot be."""
+    if kind not in FUSED_IMPLS:
+        raise ValueError(f"kind must be one of {FUSED_IMPLS}, got {kind!r}")
     if kind not in _built:
         try:
             _built[kind] = _build(kind)
@@ -286,7 +286,7 @@ class _FusedScan(torch.autograd.Function):
 
 
 def fused_selective_scan(kind, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
-    """The scan on the kernels of `kind` ("cpu" or "cuda"): (y (batch, dim, L), last state (batch, dim, N)).
+    """The scan on the kernels of `kind` (one of FUSED_IMPLS): (y (batch, dim, L), last state (batch, dim, N)).
 
     Arguments as `minijamba.scan.selective_scan`, already checked there; made contiguous here, as the kernels
     require. The forward saves chunk-start states only when autograd will need them.

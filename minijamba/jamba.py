@@ -7,6 +7,8 @@ pre-norm residual pair, a mixer then an MLP:
 Which one, layer by layer, is two rules (the HF config names):
     attention  iff i % attn_layer_period == attn_layer_offset        Jamba-v0.1: 8, 4 — one attention layer in 8
     MoE        iff i % expert_layer_period == expert_layer_offset    Jamba-v0.1: 2, 1 — every other layer
+Named layouts (`layout_fields`, `JambaConfig.with_layout`): "all-mamba", "jamba", "all-attention", or HF's per-layer
+type list, turned into the two fields above (the only layout HF's JambaConfig can store).
 No positional encoding anywhere: the Mamba layers carry order (the paper found RoPE in the hybrid adds nothing).
 
 Why mix: attention recalls any earlier token exactly but keeps a KV cache that grows with the context; Mamba
@@ -30,7 +32,9 @@ Glossary (code name — symbol or name in the Jamba paper / HF config):
     layer_types              — "attention" / "mamba" per layer;  moe_layers — which layers have experts
 
 Where this differs from HF `JambaForCausalLM` and why:
-  - No attention_mask / left padding (as MambaLM); the load-balancing loss function takes a mask for callers.
+  - attention_mask (left padding) as HF's: pads change no Mamba state (mamba.py), are never attended to
+    (attention.py), and count nowhere in the aux loss; the MoE routes them too and their outputs are discarded
+    (with a capacity_factor they would take capacity from real tokens: it is off by default).
   - forward with a cache takes any number of tokens (chunked prefill), and `step` is a separate O(1)-per-Mamba-layer
     call, as in MambaLM.
   - Init: official Mamba init for the Mamba layers (Δ log-uniform, A = -(1..N)), N(0, 0.02) for the embedding and
@@ -52,14 +56,18 @@ from torch import nn
 
 from .attention import CausalSelfAttention
 from .checkpoint import CheckpointError
+from .checks import positive_int
 from .lm import CausalLM
 from .mamba import MambaConfig, MambaMixer
 from .moe import MoE, SwiGLU
 from .norm import RMSNorm
+from .s6 import auto_dt_rank
 
 __all__ = [
     "JambaConfig",
     "PRESETS",
+    "LAYOUTS",
+    "layout_fields",
     "JambaLayer",
     "JambaLM",
 ]
@@ -87,7 +95,7 @@ class JambaConfig:
     mamba_d_state: int = 16
     mamba_d_conv: int = 4
     mamba_expand: int = 2
-    mamba_dt_rank: int | str = "auto"  # "auto": ceil(hidden_size / 16)
+    mamba_dt_rank: int | str = "auto"  # "auto": s6.auto_dt_rank(hidden_size) = ceil(hidden_size / 16)
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
     rms_norm_eps: float = 1e-6
@@ -102,7 +110,7 @@ class JambaConfig:
 
     def __post_init__(self):
         if self.mamba_dt_rank == "auto":
-            self.mamba_dt_rank = math.ceil(self.hidden_size / 16)
+            self.mamba_dt_rank = auto_dt_rank(self.hidden_size)
         positive = (
             "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads "
             "attn_layer_period expert_layer_period num_experts num_experts_per_tok mamba_d_state mamba_d_conv "
@@ -135,10 +143,7 @@ class JambaConfig:
     @property
     def layer_types(self):
         """ "attention" or "mamba" for each layer (HF's layers_block_type)."""
-        return tuple(
-            "attention" if i % self.attn_layer_period == self.attn_layer_offset else "mamba"
-            for i in range(self.num_hidden_layers)
-        )
+        return _layer_types(self.num_hidden_layers, self.attn_layer_period, self.attn_layer_offset)
 
     @property
     def moe_layers(self):
@@ -170,11 +175,29 @@ class JambaConfig:
         )
 
     @classmethod
-    def preset(cls, name, **overrides):
-        """A named configuration (PRESETS), with any field overridden."""
+    def preset(cls, name, layout=None, **overrides):
+        """A named configuration (PRESETS), with any field overridden; `layout` (see with_layout) replaces its own."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        if layout is None or layout == "jamba":
+            return cls.with_layout("jamba", **{**PRESETS[name], **overrides})
+        shape = {k: v for k, v in PRESETS[name].items() if k not in ("attn_layer_period", "attn_layer_offset")}
+        return cls.with_layout(layout, **{**shape, **overrides})
+
+    @classmethod
+    def with_layout(cls, layout, **fields):
+        """A config whose layers follow `layout`, the other fields as given (see layout_fields).
+
+        "jamba" keeps the attn_layer_period/offset given (by default the paper's, 8 and 4); any other layout sets
+        them itself, so giving them too is an error. A per-layer list also sets num_hidden_layers when not given.
+        """
+        if layout == "jamba":
+            return cls(**fields)
+        if given := sorted(fields.keys() & {"attn_layer_period", "attn_layer_offset"}):
+            raise ValueError(f"layout {layout!r} sets {' and '.join(given)} itself: give one or the other")
+        if not isinstance(layout, str) and "num_hidden_layers" not in fields:
+            fields["num_hidden_layers"] = len(layout)
+        return cls(**fields, **layout_fields(layout, fields.get("num_hidden_layers", cls.num_hidden_layers)))
 
     def to_hf(self):
         """The config.json dict of HF JambaForCausalLM (our extra fields included; transformers ignores them)."""
@@ -198,17 +221,72 @@ class JambaConfig:
             raise CheckpointError(f"config.json: {e}") from e
 
 
-# Named configurations, as JambaConfig keyword arguments (so "auto" fields resolve after any override).
+# Named layouts: which layers are attention, the rest being Mamba. HF's JambaConfig stores a layout as two fields
+# only (attention iff i % attn_layer_period == attn_layer_offset), so every layout is written in those terms.
+LAYOUTS = ("all-mamba", "jamba", "all-attention")
+
+
+def _layer_types(num_hidden_layers, attn_layer_period, attn_layer_offset):
+    return tuple(
+        "attention" if i % attn_layer_period == attn_layer_offset else "mamba" for i in range(num_hidden_layers)
+    )
+
+
+def layout_fields(layout, num_hidden_layers):
+    """{"attn_layer_period", "attn_layer_offset"} of a layout of num_hidden_layers layers.
+
+    layout: "all-mamba" (no attention layer), "jamba" (the paper's: one attention layer in 8, at offset 4),
+    "all-attention" (every layer), or HF's per-layer list of "mamba" / "attention" (its layers_block_type), which
+    must be periodic as the two fields can say: attention exactly at the layers i with i % period == offset.
+    A list that is not gets a ValueError; one that is comes back from JambaConfig.layer_types unchanged.
+    """
+    n = positive_int("num_hidden_layers", num_hidden_layers)
+    if isinstance(layout, str):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS} or a list of 'mamba'/'attention', got {layout!r}")
+        period, offset = {"all-mamba": (n + 1, n), "jamba": (8, 4), "all-attention": (1, 0)}[layout]
+        return {"attn_layer_period": period, "attn_layer_offset": offset}  # all-mamba: period n + 1 reaches no i < n
+    kinds = tuple(layout)
+    if unknown := sorted(set(kinds) - {"mamba", "attention"}):
+        raise ValueError(f"a per-layer layout holds 'mamba' and 'attention' only, got {unknown}")
+    if len(kinds) != n:
+        raise ValueError(f"the layout lists {len(kinds)} layers, num_hidden_layers is {n}")
+    if "attention" not in kinds:
+        return layout_fields("all-mamba", n)
+    offset = kinds.index("attention")
+    for period in range(offset + 1, n + 1):  # the shortest period that fits; period n fits one attention layer
+        if _layer_types(n, period, offset) == kinds:
+            return {"attn_layer_period": period, "attn_layer_offset": offset}
+    raise ValueError(
+        f"layout {list(kinds)} is not periodic: HF's JambaConfig stores only attn_layer_period and "
+        "attn_layer_offset (attention exactly where i % period == offset), which cannot express it"
+    )
+
+
+# Named model shapes, as JambaConfig keyword arguments (so "auto" fields resolve after any override). train.py's
+# presets name the first four.
 PRESETS = {
     # Two Jamba blocks' worth of layout in 4 layers: [mamba, mamba+MoE, attention, mamba+MoE]; for tests.
     "tiny": dict(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=2, num_experts=4, mamba_d_state=8,
     ),
-    # TinyStories on a 2-core CPU (issue 7 tunes it): 1 attention layer in 4, MoE every other layer.
+    # TinyStories on a 2-core CPU (`make train`): 1 attention layer in 4, MoE every other layer.
     "small-cpu": dict(
         vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=2, num_experts=4, mamba_d_state=16,
+    ),
+    # The Transformer baselines of train.py at those two sizes: every layer attention, dense MLPs (one expert), rotary
+    # positions (a Transformer without Mamba layers has nothing else to tell it the order).
+    "tiny-transformer": dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=1, attn_layer_offset=0, num_experts=1, num_experts_per_tok=1,
+        rope=True,
+    ),
+    "small-cpu-transformer": dict(
+        vocab_size=2048, hidden_size=128, intermediate_size=448, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, attn_layer_period=1, attn_layer_offset=0, num_experts=1, num_experts_per_tok=1,
+        rope=True,
     ),
     # The real ai21labs/Jamba-v0.1 (HF's defaults): for counting parameters and cache bytes, not for building.
     "jamba-v0.1": dict(
@@ -292,15 +370,22 @@ class JambaLayer(nn.Module):
         out, routing = out if self.is_moe else (out, None)
         return h + out, routing
 
-    def forward(self, h, state=None):
-        """h (batch, L, hidden), the mixer's state or None -> (h, state after the last token, routing or None)."""
-        out, state = self.mixer(self.input_layernorm(h), state)
+    def forward(self, h, state=None, attention_mask=None):
+        """h (batch, L, hidden), the mixer's state or None -> (h, state after the last token, routing or None).
+
+        attention_mask: (batch, T + L) bool over the cached and new positions, False at pads; None: no padding.
+        """
+        out, state = self.mixer(self.input_layernorm(h), state, attention_mask)
         h, routing = self._mlp(h + out)
         return h, state, routing
 
-    def step(self, h_t, state):
-        """One token: h_t (batch, hidden) -> (h_t, state)."""
-        out, state = self.mixer.step(self.input_layernorm(h_t), state)
+    def step(self, h_t, state, attention_mask=None):
+        """One token: h_t (batch, hidden) -> (h_t, state). attention_mask (batch, T + 1): only attention reads it."""
+        x = self.input_layernorm(h_t)
+        if self.kind == "attention":
+            out, state = self.self_attn.step(x, state, attention_mask)
+        else:  # a stepped token is real, and pads left no trace in the Mamba state: nothing to mask
+            out, state = self.mamba.step(x, state)
         h, _ = self._mlp((h_t + out)[:, None])  # (batch, 1, hidden): the MLP reads tokens, one here
         return h[:, 0], state
 

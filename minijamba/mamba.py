@@ -1,4 +1,4 @@
-"""The Mamba block and a Mamba language model, with an O(1)-per-token inference cache and HF checkpoints.
+"""The Mamba block and a Mamba language model, with an O(1)-per-token inference cache and two checkpoint layouts.
 
 Gu & Dao 2023, §3.4 "A Simplified SSM Architecture" and Figure 3. One block (MambaMixer) reads the residual
 stream hidden (batch, L, d_model):
@@ -32,10 +32,18 @@ Where this differs from the official `mamba_simple.py` / `mixer_seq_simple.py` a
     official padding of d_conv − 1 zeros), so forward and step share the conv, and a forward continues a cache.
     It is written out as d_conv multiply-adds (`depthwise_causal_conv`) rather than calling torch's conv1d.
   - The official forward with a cache only takes one token after the prompt; ours takes any number (chunked prefill).
-  - The vocabulary is not padded to a multiple of 8 (the official pad_vocab_size_multiple); HF does not pad either,
-    and its checkpoints store the padded size (50280) as vocab_size.
-  - No fused add+norm: hidden + mixer(norm(hidden)) computed plainly (the same numbers). No attention_mask or
-    left padding.
+  - The vocabulary is not padded: vocab_size is the embedding's row count. An official checkpoint's vocab_size
+    (50277) with pad_vocab_size_multiple (8) loads as vocab_size 50280, the padded size its embedding and head hold
+    and HF's `-hf` configs store; the padding rows get logits like any other id, as in the official model.
+  - Checkpoints: `from_pretrained` reads HF's layout (config.json with model_type "mamba", `backbone.embeddings.*`,
+    HF_NAMES) or the official mamba_ssm one (config.json with d_model / ssm_cfg, `backbone.embedding.*`,
+    MAMBA_SSM_NAMES, a tied head stored anyway), says which in `model.checkpoint_layout`, and refuses what MambaLM
+    lacks (Mamba-2 or attention layers, MLPs, LayerNorm); `save_pretrained(dir, layout=...)` writes either.
+  - No fused add+norm: hidden + mixer(norm(hidden)) computed plainly (the same numbers).
+  - attention_mask (left padding): pads change no state. u is zeroed at the pads before the conv and again after
+    it, so the scan's input there is 0 (Δ·B·u = 0): a left-padded row's states are still zero at its first token,
+    as an unpadded row's are. HF 5.x's MambaMixer zeroes the pads of in_proj's input rather than of u: the same
+    unless in_proj has a bias (bias=True), which HF then leaves in its pads' conv inputs.
   - residual_in_fp32 promotes the residual stream to at least float32 (HF casts to float32, which would round a
     float64 model); RMSNorm likewise computes in at least float32.
   - Init follows the official `_init_weights` (embedding N(0, 0.02), Linear biases zero except dt_proj's, out_proj
@@ -51,10 +59,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, Layout
+from .checks import positive_int
 from .lm import CausalLM
 from .norm import RMSNorm
-from .s6 import SelectiveSSM
+from .s6 import SelectiveSSM, auto_dt_rank
 
 __all__ = [
     "MambaConfig",
@@ -101,6 +110,46 @@ HF_NAMES = (
     ("lm_head.", "lm_head."),
 )
 
+# Our parameter names -> the official mamba_ssm MambaLMHeadModel's (mixer_seq_simple.py): HF's but for `embedding`.
+# Its state_dict holds lm_head.weight even when tied (the same tensor as the embedding), so a checkpoint does too.
+# Jamba's inner norms have no official counterpart (to_mamba_ssm refuses them).
+MAMBA_SSM_NAMES = (
+    ("embed_tokens.", "backbone.embedding."),
+    ("layers.{i}.mixer.ssm.", "backbone.layers.{i}.mixer."),
+    ("layers.{i}.", "backbone.layers.{i}."),
+    ("final_layernorm.", "backbone.norm_f."),
+    ("lm_head.", "lm_head."),
+)
+
+# The official config.json (config_mamba.py's MambaConfig): its fields and defaults, besides the three it needs.
+MAMBA_SSM_DEFAULTS = {
+    "d_intermediate": 0,  # > 0: a gated MLP after each mixer
+    "ssm_cfg": {},  # the Mamba mixer's arguments, MAMBA_SSM_CFG_DEFAULTS
+    "attn_layer_idx": [],  # layers that are attention instead of Mamba
+    "attn_cfg": {},  # their arguments
+    "rms_norm": True,  # false: LayerNorm
+    "residual_in_fp32": True,
+    "fused_add_norm": True,  # the Triton kernel that fuses the residual add and the norm: the same arithmetic
+    "pad_vocab_size_multiple": 8,
+    "tie_embeddings": True,
+    "norm_epsilon": 1e-5,  # not in the config class: older MambaLMHeadModels passed it through to the backbone
+}
+MAMBA_SSM_REQUIRED = ("d_model", "n_layer", "vocab_size")
+# mamba_simple.py's Mamba(...) arguments that shape the weights or the arithmetic, with its defaults (our field names).
+MAMBA_SSM_CFG_DEFAULTS = {
+    "d_state": 16,
+    "d_conv": 4,
+    "expand": 2,
+    "dt_rank": "auto",  # ceil(d_model / 16)
+    "dt_min": 1e-3,
+    "dt_max": 1e-1,
+    "dt_init_floor": 1e-4,
+    "conv_bias": True,
+    "bias": False,
+}
+# ssm_cfg keys that only shape a fresh init or pick a kernel, so loading ignores them; "layer" is checked.
+MAMBA_SSM_CFG_IGNORED = ("layer", "dt_init", "dt_scale", "use_fast_path")
+
 
 @dataclass
 class MambaConfig:
@@ -112,7 +161,7 @@ class MambaConfig:
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
-    dt_rank: int | str = "auto"  # "auto": ceil(d_model / 16)
+    dt_rank: int | str = "auto"  # "auto": s6.auto_dt_rank(d_model) = ceil(d_model / 16)
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     dt_init_floor: float = 1e-4
@@ -127,7 +176,7 @@ class MambaConfig:
 
     def __post_init__(self):
         if self.dt_rank == "auto":
-            self.dt_rank = math.ceil(self.d_model / 16)
+            self.dt_rank = auto_dt_rank(self.d_model)
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -163,13 +212,80 @@ class MambaConfig:
             raise CheckpointError(f"config.json: intermediate_size {hf['intermediate_size']} != expand · hidden_size")
         return config
 
+    @staticmethod
+    def is_mamba_ssm(config_json):
+        """Whether a config.json dict is the official mamba_ssm one: d_model / ssm_cfg and no HF model_type."""
+        return "model_type" not in config_json and ("d_model" in config_json or "ssm_cfg" in config_json)
+
+    def to_mamba_ssm(self):
+        """The config.json dict of the official mamba_ssm MambaLMHeadModel (every field of its MambaConfig).
+
+        vocab_size is written as it is, with pad_vocab_size_multiple 1: it already counts the embedding's rows.
+        Raises ValueError for what the official model cannot express: inner_norms, norm_eps other than 1e-5.
+        """
+        if self.inner_norms or self.norm_eps != MAMBA_SSM_DEFAULTS["norm_epsilon"]:
+            raise ValueError(
+                f"the mamba_ssm layout has no inner norms and norm eps 1e-5 only; this config has inner_norms="
+                f"{self.inner_norms}, norm_eps={self.norm_eps}: save it in the 'hf' layout"
+            )
+        return {
+            **{name: getattr(self, name) for name in MAMBA_SSM_REQUIRED},
+            "ssm_cfg": {name: getattr(self, name) for name in MAMBA_SSM_CFG_DEFAULTS},
+            **{k: v for k, v in MAMBA_SSM_DEFAULTS.items() if k not in ("ssm_cfg", "norm_epsilon")},
+            "residual_in_fp32": self.residual_in_fp32,
+            "pad_vocab_size_multiple": 1,
+            "tie_embeddings": self.tie_embeddings,
+        }
+
+    @classmethod
+    def from_mamba_ssm(cls, config_json):
+        """From an official mamba_ssm config.json dict (state-spaces/mamba-130m and friends); absent fields take
+        mamba_ssm's defaults (MAMBA_SSM_DEFAULTS, MAMBA_SSM_CFG_DEFAULTS).
+
+        vocab_size becomes the padded size: rounded up to a multiple of pad_vocab_size_multiple, as MambaLMHeadModel
+        pads its embedding and head (50277 -> 50280). Refuses, with a CheckpointError, unknown keys and what MambaLM
+        has no counterpart for: Mamba-2 layers, attention layers, MLPs (d_intermediate > 0), LayerNorm.
+        """
+        missing = [k for k in MAMBA_SSM_REQUIRED if k not in config_json]
+        unknown = sorted(config_json.keys() - {*MAMBA_SSM_REQUIRED, *MAMBA_SSM_DEFAULTS})
+        if missing or unknown:
+            raise CheckpointError(f"config.json (mamba_ssm layout): missing keys {missing}, unknown keys {unknown}")
+        c = {**MAMBA_SSM_DEFAULTS, **config_json}
+        ssm_cfg = c["ssm_cfg"]
+        if not isinstance(ssm_cfg, dict):
+            raise CheckpointError(f"config.json (mamba_ssm layout): ssm_cfg must be an object, got {ssm_cfg!r}")
+        unknown = sorted(ssm_cfg.keys() - {*MAMBA_SSM_CFG_DEFAULTS, *MAMBA_SSM_CFG_IGNORED})
+        layer = ssm_cfg.get("layer", "Mamba1")
+        refusals = (
+            (unknown, f"unknown ssm_cfg keys {unknown}"),
+            (layer != "Mamba1", f"ssm_cfg.layer {layer!r} (MambaLM's layers are Mamba-1)"),
+            (c["attn_layer_idx"], f"attention layers (attn_layer_idx {c['attn_layer_idx']})"),
+            (c["d_intermediate"] != 0, f"a gated MLP in every block (d_intermediate {c['d_intermediate']})"),
+            (not c["rms_norm"], "LayerNorms (rms_norm false; MambaLM's norms are RMSNorms)"),
+        )
+        refused = [reason for applies, reason in refusals if applies]
+        if refused:
+            raise CheckpointError("config.json (mamba_ssm layout): MambaLM cannot load " + "; ".join(refused))
+        s = {**MAMBA_SSM_CFG_DEFAULTS, **{k: v for k, v in ssm_cfg.items() if k in MAMBA_SSM_CFG_DEFAULTS}}
+        multiple = positive_int("pad_vocab_size_multiple", c["pad_vocab_size_multiple"])
+        vocab_size = -(-positive_int("vocab_size", c["vocab_size"]) // multiple) * multiple  # round up
+        return cls(
+            d_model=c["d_model"],
+            n_layer=c["n_layer"],
+            vocab_size=vocab_size,
+            norm_eps=c["norm_epsilon"],
+            residual_in_fp32=c["residual_in_fp32"],
+            tie_embeddings=c["tie_embeddings"],
+            **s,
+        )
+
 
 def depthwise_causal_conv(window, weight, bias=None):
     """Each channel's own kernel over its window, no padding: (batch, d_inner, d_conv - 1 + L) -> (batch, d_inner, L).
 
     out[t] = Σ_j weight[j] · window[t + j] (+ bias): output t reads the d_conv inputs that end at input t. Written
-    as d_conv shifted multiply-adds because torch's CPU conv1d is slow and erratic for depthwise kernels (measured
-    0.1 to 40 ms for one decode step's (1, 768, 4) window, torch 2.13), more than the whole rest of a step.
+    as d_conv shifted multiply-adds because torch's CPU conv1d is slow and erratic for depthwise kernels of a decode
+    step's size, where it can cost more than the whole rest of the step (README, "Measured").
     """
     d_conv = weight.shape[-1]
     L = window.shape[-1] - d_conv + 1
@@ -209,12 +325,22 @@ class MambaMixer(nn.Module):
         conv_state = w.new_zeros(batch, self.ssm.d_inner, self.d_conv)  # (batch, d_inner, d_conv)
         return conv_state, w.new_zeros(batch, self.ssm.d_inner, self.ssm.d_state)  # (batch, d_inner, N)
 
-    def forward(self, hidden, state=None):
-        """hidden (batch, L, d_model), state from empty_state / a previous call -> (out, state after the last token)."""
+    def forward(self, hidden, state=None, attention_mask=None):
+        """hidden (batch, L, d_model), state from empty_state / a previous call -> (out, state after the last token).
+
+        attention_mask: (batch, >= L) bool, False at pads, whose last L columns are these tokens (a mask over the
+        cached positions too, as CausalLM passes every layer, is read from its end); None: no padding.
+        """
         conv_state, ssm_state = self.empty_state(hidden.shape[0]) if state is None else state
+        L = hidden.shape[1]
         u, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
+        if attention_mask is not None:
+            pad = ~attention_mask[:, None, -L:]  # (batch, 1, L)
+            u = u.masked_fill(pad, 0.0)  # a pad enters the conv window as the zero a fresh sequence starts from
         window = torch.cat([conv_state[:, :, 1:], u], dim=-1)  # (batch, d_inner, d_conv - 1 + L)
         u = F.silu(depthwise_causal_conv(window, self.conv1d.weight, self.conv1d.bias))  # (batch, d_inner, L)
+        if attention_mask is not None:
+            u = u.masked_fill(pad, 0.0)  # the conv's bias made the pads nonzero: zero them, the scan writes nothing
         y, ssm_state = self.ssm(u, initial_state=ssm_state, return_last_state=True)  # (batch, d_inner, L)
         out = self.out_proj((y * F.silu(z)).transpose(1, 2))  # (batch, L, d_model)
         # A copy, not a view: a view would keep the whole (d_conv - 1 + L)-wide window alive in the cache.
@@ -248,11 +374,13 @@ class MambaBlock(nn.Module):
     def _residual(self, hidden):
         return hidden.to(torch.promote_types(hidden.dtype, torch.float32)) if self.residual_in_fp32 else hidden
 
-    def forward(self, hidden, state=None):
-        out, state = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), state)
+    def forward(self, hidden, state=None, attention_mask=None):
+        out, state = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), state, attention_mask)
         return self._residual(hidden) + out, state, None
 
-    def step(self, hidden_t, state):
+    def step(self, hidden_t, state, attention_mask=None):
+        """One token. attention_mask is the CausalLM layer interface's: a stepped token is real, and the pads before it
+        left the state untouched, so a Mamba step has nothing to mask."""
         out, state = self.mixer.step(self.norm(hidden_t.to(self.norm.weight.dtype)), state)
         return self._residual(hidden_t) + out, state
 
@@ -267,6 +395,20 @@ class MambaLM(CausalLM):
     config_class = MambaConfig
     HF_NAMES = HF_NAMES
     HF_EMBEDDING = "backbone.embeddings.weight"
+    # The official layout: what state-spaces/mamba-130m and friends hold, and what mamba_ssm's save_pretrained
+    # writes, pytorch_model.bin (its from_pretrained reads no other weights file).
+    OTHER_LAYOUTS = (
+        Layout(
+            "mamba_ssm",
+            MAMBA_SSM_NAMES,
+            "backbone.embedding.weight",
+            MambaConfig.from_mamba_ssm,
+            MambaConfig.to_mamba_ssm,
+            weights_file="pytorch_model.bin",
+            stores_tied_head=True,
+            recognizes=MambaConfig.is_mamba_ssm,
+        ),
+    )
 
     def __init__(self, config, device=None, dtype=None):
         layers = (MambaBlock(config, device=device, dtype=dtype) for _ in range(config.n_layer))

@@ -2,6 +2,7 @@
 from its config alone, without building it (any size, even 52B).
 
     MODEL_CLASSES          {"mamba": MambaLM, "jamba": JambaLM}: config.json's model_type -> the class
+    PRESETS, preset        named model shapes of either family (train.py's presets name them)
     build_model            the LM of a MambaConfig or a JambaConfig
     load_pretrained        a checkpoint folder (or Hub id) of either family, the class chosen from its config.json
     count_parameters       total and active-per-token parameters (MoE layers use num_experts_per_tok experts)
@@ -16,12 +17,15 @@ from typing import NamedTuple
 import torch
 
 from .checkpoint import CheckpointError, load_config, resolve_checkpoint_dir
+from .jamba import PRESETS as JAMBA_PRESETS
 from .jamba import JambaLM
 from .mamba import MambaLM
 
 __all__ = [
     "MODEL_CLASSES",
     "model_class",
+    "PRESETS",
+    "preset",
     "build_model",
     "load_pretrained",
     "ParameterCount",
@@ -34,6 +38,17 @@ __all__ = [
 
 MODEL_CLASSES = {"mamba": MambaLM, "jamba": JambaLM}
 
+# Named model shapes, {family: {name: config fields}}, each shape written once: the Jamba family's (the Transformer
+# baselines included: JambaConfigs whose every layer is attention) are jamba.PRESETS, which JambaConfig.preset reads;
+# the MambaLM shapes of train.py's baselines are here.
+PRESETS = {
+    "jamba": JAMBA_PRESETS,
+    "mamba": {
+        "tiny": dict(d_model=32, n_layer=2, d_state=8),
+        "small-cpu": dict(d_model=128, n_layer=8, d_state=16),
+    },
+}
+
 
 def model_class(config):
     """The LM class of a config object (MambaConfig -> MambaLM, JambaConfig -> JambaLM)."""
@@ -42,6 +57,15 @@ def model_class(config):
             return cls
     names = [cls.config_class.__name__ for cls in MODEL_CLASSES.values()]
     raise ValueError(f"config must be one of {names}, got {type(config).__name__}")
+
+
+def preset(family, name, **overrides):
+    """The config (MambaConfig or JambaConfig) of the shape PRESETS[family][name], with any field overridden."""
+    if family not in PRESETS:
+        raise ValueError(f"family must be one of {sorted(PRESETS)}, got {family!r}")
+    if name not in PRESETS[family]:
+        raise ValueError(f"unknown {family} preset {name!r}; choose one of {sorted(PRESETS[family])}")
+    return MODEL_CLASSES[family].config_class(**{**PRESETS[family][name], **overrides})
 
 
 def build_model(config, device=None, dtype=None):

@@ -13,7 +13,8 @@ with Mamba's discretization), so the paper's S4-vs-S6 comparison is one switch (
 Glossary, in the README's notation (code name — meaning; the Mamba paper's letter where it differs):
     d_inner      — the channels the layer runs side by side (the scan's dim; Mamba's expand · d_model; paper D)
     d_state      — N, the state size of each channel
-    dt_rank      — R, the rank of the Δ projection (the paper's s_Δ(x) = Broadcast_D(Linear_1(x)) is R = 1)
+    dt_rank      — R, the rank of the Δ projection (the paper's s_Δ(x) = Broadcast_D(Linear_1(x)) is R = 1);
+                   a Mamba block's is auto_dt_rank(d_model)
     u            — the layer's input (batch, d_inner, L) (paper x)
     x, state     — the hidden state (batch, d_inner, N) (paper h)
     y            — the output (batch, d_inner, L)
@@ -30,12 +31,16 @@ Glossary, in the README's notation (code name — meaning; the Mamba paper's let
 Where this differs from the official `mamba_simple.py` (state-spaces/mamba), and why:
   - It is only the SSM: no in_proj, conv1d, SiLU, z gate or out_proj. Those make the Mamba block (lesson 04);
     keeping them out lets the lessons put S6 next to S4D alone.
-  - dt_rank="auto" is ceil(d_inner / 32). Mamba uses ceil(d_model / 16), but this layer never sees d_model; at
-    Mamba's expand = 2 the two are the same number. Pass an int to choose it.
+  - dt_rank is an int, 1 by default (the paper's R = 1, §3.2), and has no "auto": Mamba's "auto" is
+    ceil(d_model / 16), and this layer never sees d_model. `auto_dt_rank` is that rule, the one meaning of "auto"
+    in this package: MambaConfig and JambaConfig apply it and pass the layer an int.
   - Only Mamba's default initialisation ("random" log-uniform Δ, dt_scale 1) is offered.
   - A_log and D are float32 unless the layer is float64, where they follow (the scan needs one dtype, and the
     float64 tests compare with the reference). The official code keeps them float32 under any module dtype.
   - `selective=False` (the LTI switch) and `ssm_parameters` (Δ, B, C for a plot) are additions for the lessons.
+  - The scan defaults to "chunked", a torch scan (lesson 03), where the official layer always calls the fused
+    CUDA kernel: a reader's layer runs the code the lessons teach, and the fused kernels (scan_impl "cpu",
+    "cuda" or "auto"; lesson 07) run where they are asked for, as training does.
   - `inner_norm` is Jamba's addition (Jamba paper §6.4, HF JambaMambaMixer): norms on the rank-R part of Δ, and on
     B and C, right after x_proj, which the Jamba authors found to stop loss spikes at scale. Off by default.
 """
@@ -47,11 +52,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from minijamba.checks import positive_int, positive_real
-from minijamba.scan import FUSED_IMPLS, IMPLS, selective_scan, softplus
+from minijamba.scan import IMPL_CHOICES, selective_scan, softplus
 
-__all__ = ["SelectiveSSM"]
+__all__ = ["SelectiveSSM", "auto_dt_rank"]
 
-_SCAN_IMPLS = ("auto", *IMPLS, *FUSED_IMPLS)
+
+def auto_dt_rank(d_model):
+    """Mamba's dt_rank="auto": R = ceil(d_model / 16) for a block of width d_model.
+
+    The rule of state-spaces/mamba's mamba_simple.py (`math.ceil(self.d_model / 16)`), and of Hugging Face's
+    MambaConfig (time_step_rank) and JambaConfig (mamba_dt_rank) with their hidden_size; MambaConfig and
+    JambaConfig resolve "auto" with it, and check d_model and the result as they check every field."""
+    return math.ceil(d_model / 16)
 
 
 def _inverse_softplus(y):
@@ -60,18 +72,23 @@ def _inverse_softplus(y):
 
 
 class SelectiveSSM(nn.Module):
-    """The S6 layer: (batch, d_inner, L) -> (batch, d_inner, L), with Δ, B, C chosen by the input."""
+    """The S6 layer: (batch, d_inner, L) -> (batch, d_inner, L), with Δ, B, C chosen by the input.
+
+    dt_rank: R, an int, 1 by default (the paper's s_Δ); a Mamba block passes auto_dt_rank(d_model).
+    scan_impl: one of minijamba.scan.IMPL_CHOICES, "chunked" (a torch scan) by default; "auto" or a fused kernel's
+    name runs the kernels of lesson 07.
+    """
 
     def __init__(
         self,
         d_inner,
         d_state=16,
-        dt_rank="auto",
+        dt_rank=1,
         dt_min=1e-3,
         dt_max=1e-1,
         dt_init_floor=1e-4,
         selective=True,
-        scan_impl="auto",
+        scan_impl="chunked",
         inner_norm=None,
         device=None,
         dtype=None,
@@ -80,7 +97,7 @@ class SelectiveSSM(nn.Module):
         positive_int("d_inner", d_inner)
         positive_int("d_state", d_state)
         if dt_rank == "auto":
-            dt_rank = math.ceil(d_inner / 32)
+            raise ValueError("dt_rank must be an int: Mamba's 'auto' reads d_model, pass auto_dt_rank(d_model)")
         positive_int("dt_rank", dt_rank)
         positive_real("dt_min", dt_min)
         positive_real("dt_max", dt_max)
@@ -89,8 +106,8 @@ class SelectiveSSM(nn.Module):
         positive_real("dt_init_floor", dt_init_floor)
         if not isinstance(selective, bool):
             raise ValueError(f"selective must be True or False, got {selective!r}")
-        if scan_impl not in _SCAN_IMPLS:
-            raise ValueError(f"scan_impl must be one of {_SCAN_IMPLS}, got {scan_impl!r}")
+        if scan_impl not in IMPL_CHOICES:
+            raise ValueError(f"scan_impl must be one of {IMPL_CHOICES}, got {scan_impl!r}")
         if inner_norm is not None and not (selective and callable(inner_norm)):
             raise ValueError(f"inner_norm must be None or a size -> module callable (selective only): {inner_norm!r}")
         dtype = torch.get_default_dtype() if dtype is None else dtype

@@ -21,6 +21,10 @@ so it can be computed as a parallel prefix scan. The implementations:
     "cuda-emulated" the same CUDA kernels run on the CPU under CUDA's execution model (cuda/emulator/): slow,
                   for checking the kernels on machines without a GPU; CPU tensors.
     "auto"        the fused kernel for u's device when it builds; otherwise "chunked", with a one-time warning.
+                  What training asks for (TrainConfig.scan_impl), as do the benchmarks.
+The default is "chunked", one of the torch scans lesson 03 teaches, and so is SelectiveSSM's: a fused kernel runs
+only where it is asked for, by name or through "auto". Only then is minijamba.fused imported, whose load() brings
+in torch.utils.cpp_extension and compiles the kernels on first use (then caches them).
 
 Glossary, in the README's notation (code name — meaning; the Mamba paper's letter where it differs):
     u            — the input (batch, dim, L) (paper x)
@@ -45,10 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import fused
 from .reference import check_selective_scan_shapes
 
-__all__ = ["selective_scan", "IMPLS", "FUSED_IMPLS", "DEFAULT_CHUNK"]
+__all__ = ["selective_scan", "IMPLS", "FUSED_IMPLS", "FUSED_DEVICES", "IMPL_CHOICES", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 64
 
@@ -101,12 +104,12 @@ def _hillis_steele(alpha, b):
 
     Why alpha = a − 1 and not a: a long memory has a = e^(ΔA) just below 1, 1 − m·2^-24 in float32 with m a whole
     number. The product of two of them is 1 − (m + m')·2^-24 + m·m'·2^-48, and float32 rounds the last term away
-    while it is under half a unit: always downwards, so these roundings add up like n·eps, not sqrt(n)·eps. At
-    m ≈ 1200 a 64-step product came out 7 units low, and in float32 the chunked and parallel scans were 4-12×
-    less accurate than the loop at L = 2048-4096 (python -m minijamba.bench accuracy). Combining a − 1 instead,
-    (a1·a2) − 1 = alpha2 + alpha1·a2, keeps that term: every rounding is relative to alpha, not to 1, and the two
-    scans are now 5-13× more accurate than the loop. The price is paid where it costs nothing: a product far
-    below 1 is now exact to eps absolutely rather than relatively, and what it multiplies is that small.
+    while it is under half a unit: always downwards, so these roundings add up like n·eps, not sqrt(n)·eps, and
+    a scan whose rounds multiply the a's is biased, its float32 error growing like L. Combining a − 1 instead,
+    (a1·a2) − 1 = alpha2 + alpha1·a2, keeps that term: every rounding is relative to alpha, not to 1, and the
+    error no longer grows with L (python -m minijamba.bench accuracy measures it; tests/test_scan_accuracy.py
+    checks the scans against the loop on such decays). The price is paid where it costs nothing: a product far
+    below 1 is exact to eps absolutely rather than relatively, and what it multiplies is that small.
     """
     L, k = alpha.shape[2], 1
     while k < L:
@@ -145,7 +148,11 @@ def _scan_chunked(u, delta, A, B, C, x0, chunk=DEFAULT_CHUNK):
 
 
 IMPLS = {"sequential": _scan_sequential, "parallel": _scan_parallel, "chunked": _scan_chunked}
-FUSED_IMPLS = fused.KINDS  # ("cpu", "cuda", "cuda-emulated"): the kernels of cuda/, named after what runs them
+# The kernels of cuda/ (minijamba.fused), named after what runs them, and the device each one's tensors live on.
+# Here rather than in fused.py, so that naming and checking a fused impl never imports the extension machinery.
+FUSED_DEVICES = {"cpu": "cpu", "cuda": "cuda", "cuda-emulated": "cpu"}
+FUSED_IMPLS = tuple(FUSED_DEVICES)
+IMPL_CHOICES = ("auto", *IMPLS, *FUSED_IMPLS)  # every value of selective_scan's impl (and SelectiveSSM's scan_impl)
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # Parameters and states: float32 when u is 16-bit (16 bits cannot carry a state through thousands of steps, nor
 # hold A's and D's small learned updates), u's dtype otherwise. The sequences delta, z, B, C have u's dtype.
@@ -155,6 +162,8 @@ _warned = set()  # the kinds whose failed build "auto" has already warned about
 
 def _auto_impl(u):
     """The fused kernel for u's device if it builds, else "chunked" (warning once per process and kind)."""
+    from . import fused  # here, not at the top: only a fused impl or "auto" loads the extension machinery
+
     kind = "cuda" if u.is_cuda else "cpu"
     try:
         fused.load(kind)
@@ -169,8 +178,8 @@ def _auto_impl(u):
 
 
 def _check_tensors(u, tensors, impl):
-    if impl != "auto" and impl not in IMPLS and impl not in FUSED_IMPLS:
-        raise ValueError(f"impl must be one of {['auto', *IMPLS, *FUSED_IMPLS]}, got {impl!r}")
+    if impl not in IMPL_CHOICES:
+        raise ValueError(f"impl must be one of {IMPL_CHOICES}, got {impl!r}")
     if u.dtype not in (torch.float32, torch.float64, *SIXTEEN_BIT):
         raise ValueError(f"u must be float32 or float64, or float16 or bfloat16 (computed in float32), got {u.dtype}")
     for name, t in tensors.items():
@@ -201,7 +210,7 @@ def selective_scan(
     delta_softplus=False,
     return_last_state=False,
     initial_state=None,
-    impl="auto",
+    impl="chunked",
 ):
     """The selective scan, with the arguments and semantics of `reference.selective_scan_ref`.
 
@@ -211,18 +220,21 @@ def selective_scan(
     equals a scan of u1 and then of u2 from its last state. float32 or float64; differentiable in everything.
     u may also be float16 or bfloat16, as in the official kernel: then delta, z, B, C and y are 16-bit, while A, D,
     delta_bias, initial_state and the last state are float32, and every scan computes in float32.
+    impl: one of IMPL_CHOICES (the module docstring says what each is); the default is the chunked torch scan.
     """
     if not isinstance(u, torch.Tensor):
         raise ValueError(f"u must be a torch.Tensor, got {type(u).__name__}")
     tensors = dict(delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
     _check_tensors(u, tensors, impl)
     check_selective_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if impl in FUSED_IMPLS and u.device.type != fused.DEVICES[impl]:
-        raise ValueError(f"impl={impl!r} needs tensors on the {fused.DEVICES[impl]} device, u is on {u.device}")
+    if impl in FUSED_IMPLS and u.device.type != FUSED_DEVICES[impl]:
+        raise ValueError(f"impl={impl!r} needs tensors on the {FUSED_DEVICES[impl]} device, u is on {u.device}")
 
     if impl == "auto":
         impl = _auto_impl(u)
     if impl in FUSED_IMPLS:
+        from . import fused  # here, not at the top: see _auto_impl
+
         y, last_state = fused.fused_selective_scan(
             impl, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         )

@@ -10,18 +10,16 @@ model (S4: the same Δ, B, C at every step) cannot do, and a selective one (S6) 
 The paper's selective copying (Table 1): L = 4096, vocabulary 16 (noise and marker included), 16 data tokens,
 2 layers, d_model = 64, trained on a GPU. Answer accuracy: S4 (no gate) 18.3%, S6 (no gate) 97.0%; with the
 full Mamba block, S4 56.4% and S6 99.8%.
-`SelectiveCopyingConfig` shrinks it to under a minute of CPU per model: L = 48 (44 noise/data slots, then
-4 answer slots), vocabulary 16 (14 data symbols, chance 1/14 = 7%), 4 data tokens, 2 layers, d_model 32,
-N = 16, 600 steps of batch 64. Measured (seed 0, torch 2.13, 1 thread on the 2-core development machine):
-after 500 steps LTI 36.7% and S6 94.3% answer accuracy (lesson 02's run); after 600, LTI 41.4%, S6 99.9%. The LTI model
-does not stay at chance here: with only 4 data tokens, where the k-th one lies is predictable to within about
-one gap between tokens, and a fixed kernel can bet on that (the spread grows with the number of data tokens,
-which is why S4 falls to 18% with 16 of them). The data count is the knob that costs S6 the most steps: at 8 data
-tokens this model needs well over 1500 steps.
+`SelectiveCopyingConfig` shrinks it to fit a CPU: L = 48 (44 noise/data slots, then 4 answer slots), vocabulary
+16 (14 data symbols, chance 1/14 = 7%), 4 data tokens, 2 layers, d_model 32, N = 16, 600 steps of batch 64 (the
+README's measured section has the accuracies). The LTI model does not stay at chance here: with only 4 data tokens,
+where the k-th one lies is predictable to within about one gap between tokens, and a fixed kernel can bet on that
+(the spread grows with the number of data tokens, which is why S4 falls to 18% with 16 of them). The data count is
+the knob that costs S6 the most steps.
 
-Threads: at these sizes the scan is thousands of tiny ops, so 2 threads are only ~1.4x faster than 1 on an
-idle machine, and several times slower when another process holds one of the two cores (every op waits for
-the descheduled thread). On a shared machine, torch.set_num_threads(1).
+Threads: at these sizes the scan is thousands of tiny ops, so a second thread adds little, and when another
+process holds one of the cores every op waits for the descheduled thread. On a shared machine,
+torch.set_num_threads(1).
 
 `TaskModel` is the paper's "(no gate)" architecture: each block is only norm -> Linear -> SSM -> Linear. The
 official experiments wrap the SSM in the full H3 or Mamba blocks (convolution, gate); see Table 1.
@@ -34,7 +32,6 @@ models on the Pile, and that a model with a fixed-size state needs it to grow wi
 one attention layer (lesson 05).
 """
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -45,7 +42,8 @@ from torch import nn
 from minijamba.checks import positive_int
 from minijamba.jamba import JambaConfig, JambaLM
 from minijamba.lm import CausalLMOutput
-from minijamba.s6 import SelectiveSSM
+from minijamba.optim import adamw, warmup_cosine
+from minijamba.s6 import SelectiveSSM, auto_dt_rank
 
 __all__ = [
     "IGNORE_INDEX",
@@ -54,7 +52,6 @@ __all__ = [
     "associative_recall",
     "TaskModel",
     "answer_accuracy",
-    "param_groups",
     "train_task",
     "SelectiveCopyingConfig",
     "selective_copying_experiment",
@@ -172,7 +169,8 @@ class _Block(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.in_proj = nn.Linear(d_model, d_inner)
-        self.ssm = SelectiveSSM(d_inner, d_state, selective=selective, scan_impl=scan_impl)
+        dt_rank = auto_dt_rank(d_model)  # R as a Mamba block of this width has it
+        self.ssm = SelectiveSSM(d_inner, d_state, dt_rank, selective=selective, scan_impl=scan_impl)
         self.out_proj = nn.Linear(d_inner, d_model)
 
     def forward(self, hidden):  # hidden: (batch, L, d_model)
@@ -186,7 +184,7 @@ class TaskModel(nn.Module):
     selective=False swaps every S6 for its LTI twin (fixed Δ, B, C), the S4 rows of the paper's Table 1.
     """
 
-    def __init__(self, vocab, d_model=32, n_layers=2, d_state=16, selective=True, expand=2, scan_impl="auto"):
+    def __init__(self, vocab, d_model=32, n_layers=2, d_state=16, selective=True, expand=2, scan_impl="chunked"):
         super().__init__()
         for name, value in (("vocab", vocab), ("d_model", d_model), ("n_layers", n_layers), ("expand", expand)):
             positive_int(name, value)
@@ -219,23 +217,15 @@ def answer_accuracy(model, inputs, targets):
     return (predictions[mask] == targets[mask]).float().mean().item()
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: matrices decay; vectors (biases, norms, D) and flagged parameters (A_log) do not."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def train_task(model, make_batch, steps, lr=3e-3, weight_decay=0.1, warmup=100, eval_every=100, eval_batches=4, seed=0):
     """Train on fresh batches, scoring a fixed held-out set; returns the history, a list of dicts.
 
     make_batch(generator) -> (inputs, targets): called with one torch.Generator seeded by `seed` for the
     training stream, and with generators seeded seed+1, seed+2, ... for the eval_batches of the eval set.
-    AdamW, linear warmup then cosine decay to 0, gradient clipping at 1. Each history entry (every eval_every
-    steps and at the end): {"step", "loss" (mean training loss since the last entry), "accuracy" (eval answer
-    accuracy), "seconds" (wall-clock since the start)}. model(inputs) returns a CausalLMOutput; the loss is the
-    answers' cross-entropy alone (an MoE model's aux_loss is not added).
+    AdamW (optim.adamw), linear warmup then cosine decay to 0 (optim.warmup_cosine), gradient clipping at 1. Each
+    history entry (every eval_every steps and at the end): {"step", "loss" (mean training loss since the last
+    entry), "accuracy" (eval answer accuracy), "seconds" (wall-clock since the start)}. model(inputs) returns a
+    CausalLMOutput; the loss is the answers' cross-entropy alone (an MoE model's aux_loss is not added).
     """
     positive_int("steps", steps)
     positive_int("eval_every", eval_every)
@@ -243,12 +233,8 @@ def train_task(model, make_batch, steps, lr=3e-3, weight_decay=0.1, warmup=100, 
     evals = [make_batch(torch.Generator().manual_seed(seed + 1 + i)) for i in range(eval_batches)]
     eval_inputs, eval_targets = (torch.cat(t) for t in zip(*evals, strict=True))
     train_rng = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
-
-    def lr_factor(s):  # s = optimizer steps taken so far
-        return min(1.0, (s + 1) / warmup if warmup else 1.0) * 0.5 * (1 + math.cos(math.pi * s / steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    opt = adamw(model, lr, weight_decay, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))  # s: steps so far
     history, losses, start = [], [], time.perf_counter()
     for step in range(1, steps + 1):
         model.train()
@@ -289,7 +275,7 @@ class SelectiveCopyingConfig:
     steps: int = 600
     lr: float = 1e-2
     warmup: int = 30
-    scan_impl: str = "sequential"  # at L = 48 on a CPU, the plain loop is the fastest scan (measured)
+    scan_impl: str = "sequential"  # at L = 48 on a CPU, the plain loop is the fastest scan
 
 
 def selective_copying_experiment(config=None, seed=0, selective=(False, True), return_models=False, **overrides):
@@ -319,7 +305,7 @@ def selective_copying_experiment(config=None, seed=0, selective=(False, True), r
 # The experiment of lesson 05: associative recall, all-Mamba against one attention layer
 # ----------------------------------------------------------------------------------------------------------
 
-LAYOUTS = ("all-mamba", "hybrid")
+LAYOUTS = ("all-mamba", "hybrid")  # the hybrid: attention in the last layer only
 
 
 @dataclass
@@ -340,7 +326,7 @@ class AssociativeRecallConfig:
     lr: float = 3e-3
     warmup: int = 30
     eval_every: int = 20
-    scan_impl: str = "sequential"  # at L = 24 on a CPU, the plain loop is the fastest scan (2-3x the chunked one)
+    scan_impl: str = "sequential"  # at L = 24 on a CPU, the plain loop is the fastest scan
 
     def model_config(self, layout):
         """The JambaConfig of one layout: "all-mamba" (no attention layer) or "hybrid" (attention in the last layer).
@@ -351,17 +337,15 @@ class AssociativeRecallConfig:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         n = self.num_hidden_layers
-        # attention iff i % period == offset: period n, offset n - 1 is the last layer; period n + 1 is none of 0..n-1
-        period, offset = (n, n - 1) if layout == "hybrid" else (n + 1, n)
-        return JambaConfig(
+        layer_types = ("mamba",) * (n - 1) + ("attention",) if layout == "hybrid" else "all-mamba"
+        return JambaConfig.with_layout(
+            layer_types,
             vocab_size=self.vocab,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
             num_hidden_layers=n,
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_attention_heads,
-            attn_layer_period=period,
-            attn_layer_offset=offset,
             num_experts=1,
             num_experts_per_tok=1,
             mamba_d_state=self.mamba_d_state,
@@ -376,18 +360,8 @@ def associative_recall_experiment(config=None, seed=0, layouts=LAYOUTS, return_m
     config: an AssociativeRecallConfig (default one if None); overrides replace its fields, e.g. steps=50.
     Both models see the same batches and eval set, and their init is seeded by `seed`; they differ only in the
     layout: "all-mamba" has Mamba layers only, "hybrid" makes the last layer attention ([mamba, attention] for 2).
-    return_models: also return the trained models, {layout: JambaLM}.
-
-    Measured with the default config (8 pairs, vocabulary 32, 2 layers of width 64, N = 4, 200 steps of batch 64;
-    torch 2.13, 1 thread on the 2-core development machine, other jobs running): answer accuracy after 200 steps,
-        seed 0: hybrid 99.9%, all-Mamba 15.2%     hybrid 21 s, all-Mamba 29 s
-        seed 1: hybrid 100%,  all-Mamba 12.7%     hybrid 20 s, all-Mamba 35 s
-        seed 2: hybrid 100%,  all-Mamba 13.8%     hybrid 18 s, all-Mamba 28 s
-    (chance 6.3%); lesson 05's run of seed 0, on the machine otherwise idle, took 15 s and 24 s. The hybrid passes
-    90% between steps 80 and 140. The all-Mamba model is not just short of steps: with 600 steps (seed 0) it
-    reached 25.0%, and with Jamba's N = 16 it scored 21.7% after 200 steps. The hybrid has the fewer parameters
-    (95,948 against 107,608): an attention layer is smaller than a Mamba layer. With rope=True the hybrid scored
-    99.7% (seed 0) and 78.5% (seed 1): rotary positions did not help here, as the Jamba paper (§6.5) found at scale.
+    return_models: also return the trained models, {layout: JambaLM}. The hybrid has the fewer parameters: an
+    attention layer is smaller than a Mamba layer. The README's measured section has the accuracies, over seeds.
     """
     config = config or AssociativeRecallConfig()
     config = AssociativeRecallConfig(**{**config.__dict__, **overrides})

@@ -1,5 +1,5 @@
 """The TinyStories pipeline: bundled text, tokenizer round trip, exact byte counts and bytes/token, deterministic
-batches, bits/byte."""
+batches, bits/byte; the file writers (checkpoint.atomic_write) leave a whole file or none."""
 
 import math
 
@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minijamba import data
+from minijamba.checkpoint import atomic_write
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +103,46 @@ def test_bits_per_byte_hand_case():
     assert data.bits_per_byte(4.0, 8) == pytest.approx(0.5 / math.log(2), rel=1e-15)
     with pytest.raises(ValueError, match="total_bytes"):
         data.bits_per_byte(1.0, 0)
+
+
+def test_atomic_write_leaves_the_old_file_and_no_temp_file_on_failure(tmp_path):
+    path = tmp_path / "state.json"
+    atomic_write(path, lambda tmp: tmp.write_text("old"))
+
+    def fail_halfway(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt  # an interrupt too: the temp file goes, the old file stays
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, fail_halfway)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "new.json", lambda tmp: open(tmp / "not-a-folder", "w"))
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_encode_file_caches_the_stream_and_an_interrupted_encoding_leaves_nothing(tokenizer, stories, tmp_path):
+    path = tmp_path / "valid.txt"
+    path.write_text("".join(f"{story}\n{data.EOT}\n" for story in stories[:30]), encoding="utf-8")
+    with pytest.raises(KeyboardInterrupt):
+        data.encode_file(FailingTokenizer(tokenizer), path, block_chars=200)
+    assert [p.name for p in tmp_path.iterdir()] == ["valid.txt"]
+    stream = data.encode_file(tokenizer, path, block_chars=200)  # blocks split stories: the result must not care
+    assert np.array_equal(stream, data.encode_stories(tokenizer, stories[:30]))
+    assert len(list(tmp_path.glob("valid.*.bin"))) == 1 and not list(tmp_path.glob(".*"))
+
+
+class FailingTokenizer:
+    """The tokenizer, but its second encode_batch call raises, as a kill in the middle of an encoding would."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def encode_batch(self, stories):
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return self.tokenizer.encode_batch(stories)

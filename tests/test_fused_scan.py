@@ -283,7 +283,7 @@ def _schedules():
 
 
 def _on(impl, args):
-    device = fused.DEVICES[impl]
+    device = scan.FUSED_DEVICES[impl]
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
 
 
@@ -416,14 +416,14 @@ def test_cuda_kernels_save_a_state_every_chunk(impl):
     """The CUDA forward saves one state every kCudaThreads · kCudaItems steps, as the sources say (lesson 07)."""
     extension = fused.load(impl)
     for L in (1, KERNEL_CHUNK, KERNEL_CHUNK + 1, 2 * KERNEL_CHUNK + 3):
-        assert _chunks_saved(extension, L, fused.DEVICES[impl]) == -(-L // KERNEL_CHUNK), L
+        assert _chunks_saved(extension, L, scan.FUSED_DEVICES[impl]) == -(-L // KERNEL_CHUNK), L
 
 
 @pytest.mark.parametrize("impl", CUDA_KERNELS)
 def test_cuda_kernels_check_the_launch_limits(impl):
     """gridDim.y is the batch (at most 65535) and the states live in shared memory (N <= 256): checked before
     the launch, naming the argument."""
-    device = fused.DEVICES[impl]
+    device = scan.FUSED_DEVICES[impl]
     big = make_inputs(0, 1, 1, 2, 1)
     wide = {k: (v.expand(65536, *v.shape[1:]).contiguous() if k in ("u", "delta") else v) for k, v in big.items()}
     wide["B"], wide["C"] = big["B"].expand(65536, -1, -1).contiguous(), big["C"].expand(65536, -1, -1).contiguous()

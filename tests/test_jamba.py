@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tolerances import assert_close
 
 from minijamba.checkpoint import CheckpointError
-from minijamba.jamba import PRESETS, JambaConfig, JambaLM
+from minijamba.jamba import PRESETS, JambaConfig, JambaLM, layout_fields
 from minijamba.lm import LMCache
 from minijamba.mamba import MambaMixer
 from minijamba.models import PARTS, cache_bytes, count_parameters, longest_context, parameters_by_part
@@ -430,3 +430,59 @@ def test_a_mamba_checkpoint_is_refused(tmp_path):
     MambaLM(MambaConfig(d_model=8, vocab_size=5)).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="model_type"):
         JambaLM.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Named layouts and presets
+# ----------------------------------------------------------------------------------------------------------
+
+
+@given(n_layers=st.integers(1, 40))
+def test_named_layouts_give_their_layer_types(n_layers):
+    kinds = {
+        layout: JambaConfig.with_layout(layout, num_hidden_layers=n_layers).layer_types
+        for layout in ("all-mamba", "all-attention", "jamba")
+    }
+    assert kinds["all-mamba"] == ("mamba",) * n_layers
+    assert kinds["all-attention"] == ("attention",) * n_layers
+    assert kinds["jamba"] == tuple("attention" if i % 8 == 4 else "mamba" for i in range(n_layers))  # the paper's
+    assert set(layout_fields("all-mamba", n_layers)) == {"attn_layer_period", "attn_layer_offset"}
+
+
+def test_the_jamba_layout_keeps_a_config_s_own_period():
+    assert JambaConfig.with_layout("jamba", **PRESETS["tiny"]).layer_types == ("mamba", "mamba", "attention", "mamba")
+    assert JambaConfig.preset("tiny", layout="jamba") == JambaConfig.preset("tiny")
+    v01 = JambaConfig.preset("jamba-v0.1")
+    assert [i for i, kind in enumerate(v01.layer_types) if kind == "attention"] == [4, 12, 20, 28]
+    assert JambaConfig.preset("jamba-v0.1", layout="all-attention") == JambaConfig.preset(
+        "jamba-v0.1", attn_layer_period=1, attn_layer_offset=0
+    )
+    assert set(JambaConfig.preset("jamba-v0.1", layout="all-mamba").layer_types) == {"mamba"}
+
+
+@given(n_layers=st.integers(1, 24), period=st.integers(1, 25), offset_share=st.floats(0, 1, exclude_max=True))
+def test_a_per_layer_list_round_trips(n_layers, period, offset_share):
+    """Any layout the two fields can store, written as HF's per-layer list, comes back as the same list."""
+    offset = int(offset_share * period)
+    kinds = JambaConfig(num_hidden_layers=n_layers, attn_layer_period=period, attn_layer_offset=offset).layer_types
+    config = JambaConfig.with_layout(list(kinds))
+    assert config.layer_types == kinds and config.num_hidden_layers == n_layers
+    assert config.attn_layer_offset < config.attn_layer_period <= n_layers + 1
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: layout_fields(["attention", "mamba", "attention", "attention"], 4), "not periodic"),
+        (lambda: layout_fields(["mamba", "attention", "attention"], 3), "not periodic"),
+        (lambda: layout_fields(["mamba", "mlp"], 2), "'mamba' and 'attention' only"),
+        (lambda: layout_fields(["mamba", "attention"], 3), "lists 2 layers, num_hidden_layers is 3"),
+        (lambda: layout_fields("hybrid", 4), "layout must be one of"),
+        (lambda: layout_fields("all-mamba", 0), "num_hidden_layers must be a positive integer"),
+        (lambda: JambaConfig.with_layout("all-mamba", attn_layer_period=4), "sets attn_layer_period itself"),
+        (lambda: JambaConfig.preset("tiny", layout="all-attention", attn_layer_offset=0), "sets attn_layer_offset"),
+    ],
+)
+def test_a_layout_the_fields_cannot_store_is_refused(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -13,8 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close
 
+from minijamba import fused
 from minijamba import reference as ref
-from minijamba.s6 import SelectiveSSM
+from minijamba.jamba import JambaConfig
+from minijamba.mamba import MambaConfig
+from minijamba.s6 import SelectiveSSM, auto_dt_rank
 
 batch = st.integers(1, 3)
 d_inner = st.integers(1, 8)
@@ -127,9 +130,15 @@ def test_initial_state_continues_a_run(batch, d_inner, d_state, L, selective, se
 
 
 @pytest.mark.parametrize("selective", [True, False])
-@pytest.mark.parametrize("scan_impl", ["sequential", "auto"])
+@pytest.mark.parametrize("scan_impl", ["sequential", "chunked", "cpu"])
 def test_gradcheck(selective, scan_impl):
-    """Gradients with respect to the input and the initial state, in float64 on a tiny layer."""
+    """Gradients with respect to the input and the initial state, in float64 on a tiny layer: through a torch
+    scan (chunked is the layer's default) and through the fused CPU twin, which training's "auto" picks."""
+    if scan_impl == "cpu":
+        try:
+            fused.load("cpu")
+        except fused.BuildError as error:
+            pytest.skip(f"the fused CPU scan cannot be built here: {error}")
     layer = make_layer(3, 2, selective, seed=0, scan_impl=scan_impl)
     u = inputs(2, 3, 5, seed=1).requires_grad_()
     x0 = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -169,12 +178,22 @@ def test_init(selective, dt_min, dt_max, dt_init_floor):
         assert layer.x_proj.weight.shape == (layer.dt_rank + 2 * N, d_inner) and layer.x_proj.bias is None
 
 
-def test_dt_rank_auto_is_ceil_d_inner_over_32():
-    """ceil(d_inner / 32) = ceil(d_model / 16) at Mamba's expand = 2."""
-    for d_model in (1, 8, 16, 17, 768):
-        layer = SelectiveSSM(2 * d_model, 2)
-        assert layer.dt_rank == math.ceil(d_model / 16)
+def test_dt_rank_is_an_int_and_auto_has_one_meaning():
+    """The layer's dt_rank is an int, 1 by default (the paper's R); "auto" is Mamba's ceil(d_model / 16) wherever
+    it is accepted: auto_dt_rank, which both model configs apply."""
+    assert SelectiveSSM(64, 2).dt_rank == 1
     assert SelectiveSSM(8, 2, dt_rank=3).dt_proj.weight.shape == (8, 3)
+    assert [auto_dt_rank(d_model) for d_model in (1, 16, 17, 768, 4096)] == [1, 1, 2, 48, 256]
+    for d_model in (8, 16, 17, 768):
+        assert auto_dt_rank(d_model) == math.ceil(d_model / 16)
+        assert MambaConfig(d_model=d_model).dt_rank == auto_dt_rank(d_model)
+        assert JambaConfig(hidden_size=4 * d_model).mamba_dt_rank == auto_dt_rank(4 * d_model)
+    with pytest.raises(ValueError, match=r"dt_rank must be an int: .* auto_dt_rank\(d_model\)"):
+        SelectiveSSM(8, 2, dt_rank="auto")
+
+
+def test_the_default_scan_is_the_chunked_torch_scan():
+    assert SelectiveSSM(4, 2).scan_impl == "chunked"
 
 
 def test_float32_ssm_parameters_under_float64():
@@ -192,6 +211,7 @@ def test_float32_ssm_parameters_under_float64():
         ({"d_state": 0}, "d_state"),
         ({"dt_rank": 0}, "dt_rank"),
         ({"dt_rank": "full"}, "dt_rank"),
+        ({"dt_rank": "auto"}, "dt_rank"),
         ({"dt_min": 0.0}, "dt_min"),
         ({"dt_max": -1.0}, "dt_max"),
         ({"dt_min": 0.2, "dt_max": 0.1}, "dt_max"),

@@ -1,5 +1,8 @@
 """Every torch selective scan against the float64 NumPy reference, its gradients, and its edge cases."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -157,6 +160,30 @@ def test_chunked_is_finite_at_extremes():
     assert torch.isfinite(y).all() and torch.isfinite(last).all()
     (y.square().mean() + last.sum()).backward()
     assert torch.isfinite(delta.grad).all() and torch.isfinite(A.grad).all()
+
+
+def test_the_default_is_the_chunked_torch_scan():
+    args = make_inputs(3, 2, 3, 4, 50, options={"D", "z", "initial_state"})
+    assert torch.equal(selective_scan(**args), selective_scan(**args, impl="chunked"))
+
+
+def test_the_torch_scans_never_import_the_extension_machinery():
+    """Importing the scan, the layers and the models built on it, and running an S6 layer with its default scan,
+    leaves minijamba.fused (and torch.utils.cpp_extension, which may compile) unimported. In a fresh process, as
+    this one may have imported them for another test."""
+    program = """
+import sys
+import torch
+import minijamba.scan, minijamba.s6, minijamba.mamba, minijamba.jamba
+from minijamba.scan import FUSED_IMPLS
+from minijamba.s6 import SelectiveSSM
+assert FUSED_IMPLS == ("cpu", "cuda", "cuda-emulated")
+SelectiveSSM(4, 2)(torch.randn(1, 4, 3)).sum().backward()
+for name in ("minijamba.fused", "torch.utils.cpp_extension"):
+    assert name not in sys.modules, name
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_auto_is_a_checked_impl():

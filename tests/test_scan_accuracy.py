@@ -86,8 +86,8 @@ def test_cpu_backward_repeats_bit_for_bit(case):
 
 def test_hillis_steele_keeps_long_memories():
     """Decays just below 1 (|A| ~ 1e-4, a memory of ~10^4 steps): the scans built on Hillis–Steele rounds are at
-    least as accurate as the loop. Rounds that multiplied the decays themselves were 3× less accurate than the loop
-    here, their products biased low (minijamba/scan.py, _hillis_steele); rounds that carry a − 1 are ~10× more."""
+    least as accurate as the loop. Rounds that multiply the decays themselves fail this: their products are biased
+    low (minijamba/scan.py, _hillis_steele); rounds that carry a − 1 keep the digits the loop keeps."""
     args = scan_inputs("official", 1, 4, N, 4096, initial_state=False)
     args["A"] = -1e-4 * torch.arange(1, 4 * N + 1, dtype=torch.float64).reshape(4, N)  # (dim, N)
     weights = loss_weights(args)

@@ -1,16 +1,24 @@
 """train.py and sample.py on tiny models: the loss falls, the first step is the documented one, resume is
 bit-identical, divergence stops cleanly, bad configs fail before any work, sampling is reproducible under --seed;
-the committed logs of the README's runs are whole."""
+the committed logs of the README's runs are whole; the training presets name the model shapes of models.PRESETS;
+sample.py reads a run without the training loop."""
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from minijamba import data, sample
+from minijamba import data, jamba, models, sample
 from minijamba import train as train_module
-from minijamba.train import LOGS_DIR, TrainConfig, TrainingDiverged, load_run, read_log, train
+from minijamba.models import build_model
+from minijamba.optim import param_groups
+from minijamba.sample import load_run
+from minijamba.train import LOGS_DIR, TrainingDiverged, read_log, train
+from minijamba.train_config import MODELS, PRESETS, TrainConfig, model_config
 
 
 def tiny(tmp_path, model="jamba", **overrides):
@@ -80,11 +88,11 @@ def test_the_first_step_is_the_documented_one(tmp_path):
     train(cfg)
     trained, tokenizer, _ = load_run(tmp_path)
     torch.manual_seed(cfg.seed)
-    config = train_module.model_config(cfg)
-    model = train_module.build_model(config)
+    config = model_config(cfg)
+    model = build_model(config)
     stream = data.encode_stories(tokenizer, data.split_stories(data.read_text("train"))[: cfg.max_stories])
     inputs, targets = data.get_batch(stream, cfg.batch_size, cfg.context, torch.Generator().manual_seed(cfg.seed))
-    optimizer = torch.optim.AdamW(train_module.param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2))  # fmt: skip
     for group in optimizer.param_groups:
         group["lr"] = train_module.lr_at(cfg, 0, 0.0)  # max_minutes is None: the schedule reads the step alone
@@ -106,8 +114,8 @@ def test_the_baselines_train(tmp_path, model):
 
 
 def test_no_weight_decay_on_ssm_parameters_norms_and_biases():
-    model = train_module.build_model(train_module.model_config(TrainConfig.from_preset("jamba", "tiny")))
-    decay, no_decay = train_module.param_groups(model, 0.1)
+    model = build_model(model_config(TrainConfig.from_preset("jamba", "tiny")))
+    decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     undecayed = {names[id(p)].split(".")[-1] for p in no_decay["params"]}
     assert {"A_log", "D", "weight", "bias"} <= undecayed  # norms' weights, conv/dt biases
@@ -170,8 +178,7 @@ def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, capsys):
         TrainConfig.from_preset("rwkv", "tiny")
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         tiny(tmp_path, batch_size=0)
-    bad_shape = {**train_module.PRESETS["tiny"]["jamba"], "shape": {"hidden_size": 30, "num_attention_heads": 4}}
-    monkeypatch.setitem(train_module.PRESETS["tiny"], "jamba", bad_shape)
+    monkeypatch.setitem(jamba.PRESETS, "tiny", {**jamba.PRESETS["tiny"], "hidden_size": 30})  # the shape, by name
     with pytest.raises(ValueError, match="hidden_size 30 must be divisible by num_attention_heads 4"):
         train(tiny(tmp_path))
     with pytest.raises(FileNotFoundError, match="neither a checkpoint folder"):
@@ -196,3 +203,30 @@ def test_sample_cli_writes_stories_and_respects_the_seed(tiny_run, capsys):
     assert first == again and first != other.replace("seed 2", "seed 1")
     assert first.count("--- story") == 2 and "Once upon a time" in first
     assert sample.main(["--ckpt", str(out_dir / "nowhere")]) == 1
+
+
+def test_the_training_presets_name_the_model_shapes():
+    """Every shape is written once, in models.PRESETS: a training preset names one, and model_config builds it."""
+    for preset, models_of in PRESETS.items():
+        for model, family in MODELS.items():
+            cfg = TrainConfig.from_preset(model, preset)
+            shape = PRESETS[preset][model]["shape"]
+            assert isinstance(shape, str) and shape in models.PRESETS[family]
+            expected = models.preset(family, shape, vocab_size=cfg.vocab_size, scan_impl=cfg.scan_impl)
+            assert model_config(cfg) == expected and models_of[model]["lr"] == cfg.lr
+            assert type(build_model(expected, device="meta")) is models.MODEL_CLASSES[family]
+    assert PRESETS["cpu20"]["jamba"]["shape"] == "small-cpu" and PRESETS["tiny"]["jamba"]["shape"] == "tiny"
+    transformer = model_config(TrainConfig.from_preset("transformer", "cpu20"))
+    assert set(transformer.layer_types) == {"attention"}  # the "all-attention" layout
+    with pytest.raises(ValueError, match="unknown mamba preset 'huge'"):
+        models.preset("mamba", "huge")
+    with pytest.raises(ValueError, match="family must be one of"):
+        models.preset("rwkv", "tiny")
+
+
+def test_sample_reads_a_run_without_importing_the_training_loop():
+    code = "import sys, minijamba.sample; print('minijamba.train' in sys.modules, 'minijamba.tasks' in sys.modules)"
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]

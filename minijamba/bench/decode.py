@@ -29,7 +29,7 @@ from ..models import count_parameters
 from ..plotting import save_figure
 from .measure import best_time, describe_machine
 
-LAYOUTS = ("mamba", "jamba", "attention")
+LAYOUTS = {"mamba": "all-mamba", "jamba": "jamba", "attention": "all-attention"}  # --models name: JambaConfig layout
 
 
 def add_arguments(parser):
@@ -42,18 +42,10 @@ def add_arguments(parser):
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk length (bounds prefill memory)")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per context and round")
     parser.add_argument("--rounds", type=int, default=3, help="passes over all contexts; the best step is reported")
-    # Batch-1 decoding is small matmuls: a second OpenMP thread only adds synchronisation, and on a shared 2-core
-    # machine with another busy process it made steps 40x slower (measured: 88 ms vs 2.2 ms per token).
+    # Batch-1 decoding is small matmuls: a second OpenMP thread only adds synchronisation, and on a shared machine
+    # with another busy process it makes steps far slower (README, "Measured").
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--no-figure", action="store_true")
-
-
-def _mixers(layout, n_layer, attn_period):
-    return {
-        "mamba": dict(attn_layer_period=n_layer + 1, attn_layer_offset=n_layer),  # no layer index reaches it
-        "jamba": dict(attn_layer_period=attn_period, attn_layer_offset=attn_period // 2),
-        "attention": dict(attn_layer_period=1, attn_layer_offset=0),
-    }[layout]
 
 
 def layout_config(layout, d_model, n_layer, attn_period, vocab_size):
@@ -66,12 +58,15 @@ def layout_config(layout, d_model, n_layer, attn_period, vocab_size):
         num_key_value_heads=heads, num_experts=1, num_experts_per_tok=1, scan_impl="auto",
     )  # fmt: skip
 
+    def config(layout, width):
+        period = dict(attn_layer_period=attn_period, attn_layer_offset=attn_period // 2) if layout == "jamba" else {}
+        return JambaConfig.with_layout(LAYOUTS[layout], intermediate_size=width, **common, **period)
+
     def size(layout, width):
-        mixers = _mixers(layout, n_layer, attn_period)
-        return count_parameters(JambaConfig(intermediate_size=width, **common, **mixers)).total
+        return count_parameters(config(layout, width)).total
 
     width = 1 + round((size("mamba", 2 * d_model) - size(layout, 1)) / (3 * d_model * n_layer))
-    return JambaConfig(intermediate_size=max(1, width), **common, **_mixers(layout, n_layer, attn_period))
+    return config(layout, max(1, width))
 
 
 def _prefill_snapshots(model, ids, lengths, chunk):

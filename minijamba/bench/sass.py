@@ -19,7 +19,7 @@ How it counts:
     the compiler moved out of line (slow paths reached by CALL, fallbacks for divergent shuffles) does not count.
   * Divided by kCudaItems, the steps a thread owns in a chunk: instructions per (step, state), the block scan's
     share spread over the thread's items.
-Goals (issue 13): at most 20 in the forward, 45 in the backward.
+Goals (GOALS): at most 20 instructions per (step, state) in the forward, 45 in the backward.
 
 `python -m minijamba.bench sass --cubin FILE` counts a cubin built elsewhere, or the one for --arch inside an
 object file or a built extension (extracted with cuobjdump, pip package nvidia-cuda-cuobjdump); --items gives its

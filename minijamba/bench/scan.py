@@ -20,7 +20,7 @@ import time
 import torch
 
 from ..plotting import save_figure
-from ..scan import DEFAULT_CHUNK, FUSED_IMPLS, IMPLS, selective_scan
+from ..scan import DEFAULT_CHUNK, FUSED_DEVICES, FUSED_IMPLS, IMPLS, selective_scan
 from .measure import best_time, describe_machine, peak_extra_bytes
 
 
@@ -77,8 +77,8 @@ def scan_call(impl, args, backward):
 
 
 def device_of(impl, device="cpu"):
-    """Where impl's inputs live: the fused kernels on the device they are named after, the torch scans on `device`."""
-    return impl if impl in FUSED_IMPLS else device
+    """Where impl's inputs live: a fused kernel's on its device (FUSED_DEVICES), the torch scans' on `device`."""
+    return FUSED_DEVICES.get(impl, device)
 
 
 def time_impls(impls, batch, dim, N, L, backward, rounds=3, device="cpu"):
