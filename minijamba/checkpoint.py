@@ -14,10 +14,15 @@ checks them:
     save_checkpoint          config.json + the weights (model.safetensors or pytorch_model.bin), each written to
                              a temp file then os.replace'd
     Layout                   one way of storing a model: config.json format, name table, weights file
+    memory_bytes             the memory a model on a device must fit in: from_pretrained refuses a config.json
+                             whose model (counted on the meta device, allocating nothing) exceeds it
     HFCheckpointMixin        from_pretrained / save_pretrained for a model class, built from the pieces above
 
 Safety: a pickle can run any code while it loads, so `.bin` files are read only with torch's weights_only
 unpickler, which accepts tensors and plain containers and refuses everything else; safetensors files hold no code.
+Every file read must be a regular file (a FIFO would block the open, a symlink loop fails in it), config.json and
+index files UTF-8 JSON objects, and an index's shards files inside the checkpoint folder. Every file written gets
+the user's umask, whatever mode its writer created it with.
 """
 
 import dataclasses
@@ -25,6 +30,7 @@ import json
 import os
 import pickle
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +47,7 @@ __all__ = [
     "rename",
     "save_checkpoint",
     "atomic_write",
+    "memory_bytes",
     "Layout",
     "HFCheckpointMixin",
 ]
@@ -85,19 +92,45 @@ def resolve_checkpoint_dir(path_or_repo_id):
     return local
 
 
-def load_config(directory):
-    """config.json as a dict."""
-    path = Path(directory) / "config.json"
+def _is_present(path):
+    """Whether `path` names something, and if so that it is a regular file (a symlink to one is fine): a FIFO, a
+    device or a folder where a checkpoint file should be is refused before anything opens it (opening a FIFO blocks
+    until a writer comes), and so is a symlink that loops or dangles."""
     try:
-        with open(path) as f:
-            config = json.load(f)
+        os.lstat(path)
     except FileNotFoundError:
-        raise CheckpointError(f"{directory}: no config.json") from None
+        return False
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from e
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:  # a dangling symlink, a symlink loop
+        raise CheckpointError(f"{path}: a symlink that leads to no file ({e.strerror}): fix or remove it") from e
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a folder, FIFO or device): replace it with the file")
+    return True
+
+
+def _read_json(path, what):
+    """A checkpoint's JSON file (config.json, a shard index) as a dict, refusing non-UTF-8, non-JSON and non-objects."""
+    if not _is_present(path):
+        raise CheckpointError(f"{path.parent}: no {path.name}")
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): is it really {what}?") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from e
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+def load_config(directory):
+    """config.json as a dict."""
+    return _read_json(Path(directory) / "config.json", "a model's config.json")
 
 
 def _load_file(path):
@@ -110,7 +143,8 @@ def _load_file(path):
     else:
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        # A file that is no pickle at all (text, HTML) fails inside the unpickler with a KeyError or ValueError.
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
                 f"{path}: refused: not a plain tensor checkpoint, so it was not unpickled "
@@ -123,19 +157,32 @@ def _load_file(path):
     return tensors
 
 
+def _shards(index_path):
+    """The shard file names a *.index.json names, each a file inside the checkpoint folder."""
+    weight_map = _read_json(index_path, "a shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f'{index_path}: expected a "weight_map" object of tensor name -> shard file name')
+    shards = sorted(set(weight_map.values()))
+    # Only files beside the index: a name that climbs out (../) or is absolute could read anything on the machine.
+    outside = [s for s in shards if Path(s).is_absolute() or ".." in Path(s).parts or not Path(s).parts]
+    if outside:
+        raise CheckpointError(f"{index_path}: weight_map names files outside the checkpoint folder: {outside}")
+    return shards
+
+
 def load_tensors(directory):
     """Every tensor of a checkpoint directory, by name. Prefers safetensors; follows a shard index if there is one."""
     directory = Path(directory)
     for name in WEIGHT_FILES:
         path = directory / name
-        if not path.exists():
+        if not _is_present(path):
             continue
         if not name.endswith(".index.json"):
             return _load_file(path)
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
         tensors = {}
-        for shard in shards:
+        for shard in _shards(path):
+            if not _is_present(directory / shard):
+                raise CheckpointError(f"{path}: its weight_map names {shard}, which is not in {directory}")
             tensors.update(_load_file(directory / shard))
         return tensors
     raise CheckpointError(f"{directory}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
@@ -178,6 +225,13 @@ def rename(name, table):
     raise KeyError(f"no entry of the name table matches {name!r}")
 
 
+def _umask():
+    """The process's umask. os.umask can only be read by setting it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
     """write(tmp_path) into a temp file beside `path`, then os.replace it: readers never see a half-written file.
 
@@ -189,6 +243,8 @@ def atomic_write(path, write):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is an atomic rename
     try:
         write(tmp)
+        # Every file with the user's umask: some writers (safetensors) create theirs 0600 whatever the umask says.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -229,6 +285,34 @@ def save_checkpoint(directory, config, tensors, weights_file="model.safetensors"
     atomic_write(directory / weights_file, write_weights)
     atomic_write(directory / "config.json", write_config)
     return directory
+
+
+def memory_bytes(device):
+    """The memory a model built on `device` must fit in: the machine's physical RAM on the CPU, the GPU's own on
+    CUDA; None where it is not known (other devices, a platform without sysconf), which sets no bound."""
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits(meta_model, device, source):
+    """Refuse a config whose model (built on the meta device: no memory) cannot fit in `device`'s memory, before
+    allocating it: a damaged config.json's hidden_size of 10**7 would otherwise try to allocate terabytes."""
+    tensors = [*meta_model.parameters(), *meta_model.buffers()]
+    need, have = sum(t.numel() * t.element_size() for t in tensors), memory_bytes(device)
+    if have is not None and need > have:
+        count = sum(p.numel() for p in meta_model.parameters())
+        raise CheckpointError(
+            f"{source}: config.json describes a model of {count:,} parameters ({need / 2**30:,.1f} GiB), more than "
+            f"the {have / 2**30:,.1f} GiB of memory of {device or 'the default device'}: check its sizes "
+            f"(hidden_size, vocab_size, layers)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +376,9 @@ class HFCheckpointMixin:
             config = layout.from_config(config_json)
         except ValueError as e:  # CheckpointError too: a config.json this layout cannot build the model from
             raise CheckpointError(f"{source}: {e}") from e
-        model = cls(dataclasses.replace(config, **overrides), device=device, dtype=dtype)
+        config = dataclasses.replace(config, **overrides)
+        _check_fits(cls(config, device="meta", dtype=dtype), device, source)
+        model = cls(config, device=device, dtype=dtype)
         tensors = load_tensors(directory)
         names, ours = model._checkpoint_names(layout), model.state_dict()
         head_name = rename("lm_head.weight", layout.names)

@@ -31,6 +31,7 @@ Glossary: context — T, the window length;  batch — B windows per step;  EOT 
 import hashlib
 import lzma
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -61,21 +62,43 @@ EOT = "<|endoftext|>"
 BUNDLED_DIR = Path(__file__).parent / "data" / "tinystories"
 SPLITS = ("train", "valid")
 TOKENIZER_FILE = "tokenizer.json"
+HEAD_TAIL = 1 << 20  # bytes of a text file's head and of its tail that its cache key hashes
+REDOWNLOAD = "delete it and run `make data-full` again"
 
 
-def read_text(split, data_dir=None):
-    """The text of `split` ("train" or "valid"): the bundled .txt.xz, or <data_dir>/<split>.txt when given."""
+def _not_utf8(path, error):
+    """The one-line error for a data file that does not decode."""
+    return ValueError(f"{path} is not UTF-8 text (a {error.object[error.start]:#04x} byte); {REDOWNLOAD}")
+
+
+def read_text(split, data_dir=None, max_chars=None):
+    """The text of `split` ("train" or "valid"): the bundled .txt.xz, or <data_dir>/<split>.txt when given.
+
+    max_chars: read only the first max_chars characters (the full training text is about 2 GB).
+    A damaged bundled file, or a data_dir file that is not UTF-8 or holds only whitespace, is a one-line ValueError.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if data_dir is None:
-        with lzma.open(BUNDLED_DIR / f"{split}.txt.xz", "rt", encoding="utf-8") as f:
-            return f.read()
+        path = BUNDLED_DIR / f"{split}.txt.xz"
+        try:
+            with lzma.open(path, "rt", encoding="utf-8") as f:
+                return f.read(max_chars)
+        except (lzma.LZMAError, EOFError, UnicodeDecodeError) as e:
+            raise ValueError(f"the bundled {path} is damaged ({e}); reinstall minijamba to restore it") from e
     path = Path(data_dir) / f"{split}.txt"
     if not path.is_file():
         raise FileNotFoundError(
             f"data_dir {str(data_dir)!r} has no {split}.txt (run `make data-full` to download the full dataset there)"
         )
-    return path.read_text(encoding="utf-8")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(max_chars)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from e
+    if not text or text.isspace():  # isspace, not strip: no copy of a 2 GB string
+        raise ValueError(f"{path} is empty; {REDOWNLOAD}")
+    return text
 
 
 def split_stories(text):
@@ -108,11 +131,17 @@ def save_tokenizer(tokenizer, directory):
 
 
 def load_tokenizer(directory):
-    """The tokenizer saved in `directory` (a checkpoint folder)."""
+    """The tokenizer saved in `directory` (a checkpoint folder); a damaged file is a one-line ValueError."""
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {str(directory)!r}: is it a checkpoint folder of train.py?")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for every parse error
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"{path} is not a tokenizer file ({reason}); the checkpoint is damaged: resume from another one"
+        ) from e
 
 
 def token_bytes(tokenizer):
@@ -141,18 +170,39 @@ def bytes_per_token(tokenizer, stories):
     return int(token_bytes(tokenizer)[stream].sum()) / len(stream)
 
 
+def _text_key(path):
+    """16 hex digits that change when the file does: its size, mtime_ns and a hash of its first and last HEAD_TAIL
+    bytes. Not a hash of the whole file, which would read all 2 GB at every start of a run; the head and tail catch a
+    rewrite that keeps size and mtime (a copy with `cp -p`), an edit in the middle that keeps both is missed."""
+    stat = path.stat()
+    h = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(HEAD_TAIL))
+        f.seek(max(stat.st_size - HEAD_TAIL, 0))
+        h.update(f.read(HEAD_TAIL))
+    return h.hexdigest()[:16]
+
+
 def encode_file(tokenizer, path, block_chars=1 << 26):
     """A large text file -> its token stream, memory-mapped from a uint16 cache file beside it (written once).
 
     The text is read in blocks of block_chars characters and split at EOT, so memory stays at one block whatever
-    the file's size (the full training text is about 2 GB). The cache is named after the tokenizer's hash, so another
-    tokenizer gets its own; it is written by atomic_write, so an interrupted encoding is never reused.
+    the file's size (the full training text is about 2 GB). The cache, <stem>.<tokenizer hash>.<text key>.bin, is
+    named after the tokenizer's hash, so another tokenizer gets its own, and after the text's _text_key, so a changed
+    text file is encoded again; caches of an older version of the text (any tokenizer) are deleted then. It is
+    written by atomic_write, so an interrupted encoding is never reused. A file that is not UTF-8 or holds no story
+    is a one-line ValueError.
     """
     if tokenizer.get_vocab_size() > 1 << 16:
         raise ValueError(f"encode_file stores uint16 ids: vocab_size {tokenizer.get_vocab_size()} > 65536")
     path = Path(path)
     digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:12]
-    cache = path.with_name(f"{path.stem}.{digest}.bin")
+    text_key = _text_key(path)
+    cache = path.with_name(f"{path.stem}.{digest}.{text_key}.bin")
+    ours = re.compile(rf"{re.escape(path.stem)}\.[0-9a-f]{{12}}(\.[0-9a-f]{{16}})?\.bin")  # also the older unkeyed name
+    for old in path.parent.iterdir():
+        if ours.fullmatch(old.name) and not old.name.endswith(f".{text_key}.bin"):
+            old.unlink(missing_ok=True)  # missing_ok: another process (a DDP rank) may have removed it first
 
     def write(tmp):
         with open(path, encoding="utf-8") as f, open(tmp, "wb") as out:
@@ -162,9 +212,14 @@ def encode_file(tokenizer, path, block_chars=1 << 26):
                 encode_stories(tokenizer, [s.strip() for s in stories if s.strip()]).astype(np.uint16).tofile(out)
             if rest.strip():
                 encode_stories(tokenizer, [rest.strip()]).astype(np.uint16).tofile(out)
+        if tmp.stat().st_size == 0:
+            raise ValueError(f"{path} holds no stories; {REDOWNLOAD}")
 
     if not cache.exists():
-        atomic_write(cache, write)
+        try:
+            atomic_write(cache, write)
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from e
     return np.memmap(cache, dtype=np.uint16, mode="r")
 
 

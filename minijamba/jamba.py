@@ -56,7 +56,7 @@ from torch import nn
 
 from .attention import CausalSelfAttention
 from .checkpoint import CheckpointError
-from .checks import positive_int
+from .checks import positive_int, positive_real
 from .lm import CausalLM
 from .mamba import MambaConfig, MambaMixer
 from .moe import MoE, SwiGLU
@@ -117,9 +117,9 @@ class JambaConfig:
             "mamba_expand mamba_dt_rank"
         )
         for name in positive.split():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(name, getattr(self, name))
+        for name in ("rms_norm_eps", "initializer_range"):
+            positive_real(name, getattr(self, name), finite=True)
         for offset, period in (
             ("attn_layer_offset", "attn_layer_period"),
             ("expert_layer_offset", "expert_layer_period"),

@@ -86,12 +86,17 @@ class CausalLM(GenerationMixin, HFCheckpointMixin, nn.Module):
         super().__init__()
         self.config = config
         factory = {"device": device, "dtype": dtype}
-        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, **factory)
+        # Meta tensors (count_parameters, from_pretrained's size check) hold no values to initialise, and torch's
+        # normal_ on one first imports its Python decompositions, which takes seconds: no init at all there.
+        meta = torch.empty(0, **factory).is_meta
+        unset = torch.empty(vocab_size, hidden_size, **factory) if meta else None  # nn.Embedding's own init skipped
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, _weight=unset, **factory)
         self.layers = nn.ModuleList(layers)
         self.final_layernorm = RMSNorm(hidden_size, eps=norm_eps, **factory)
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False, **factory)
         self.tied_head = tie_embeddings
-        self._init_weights()
+        if not meta:
+            self._init_weights()
         if tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -109,11 +114,42 @@ class CausalLM(GenerationMixin, HFCheckpointMixin, nn.Module):
         return LMCache([layer.mixer.empty_state(batch) for layer in self.layers])
 
     def _check_cache(self, cache, batch):
+        """The cache must be new_cache(batch)'s, advanced: every state with the shapes and device this model's
+        layers make (an attention layer's keys and values cache.seqlen long), so a cache of another model of the
+        same depth is refused here, not inside a layer's torch.cat."""
         states = getattr(cache, "states", None)
         if not isinstance(states, list) or len(states) != len(self.layers):
             raise ValueError(f"cache must be an LMCache from new_cache() with {len(self.layers)} layers, got {cache!r}")
         if states[0][0].shape[0] != batch:
             raise ValueError(f"cache is for batch {states[0][0].shape[0]}, input has batch {batch}")
+        for i, (layer, state) in enumerate(zip(self.layers, states, strict=True)):
+            fresh = layer.mixer.empty_state(batch)
+            # A zero-length dimension of the fresh state (attention's T) has grown to the positions seen so far.
+            want = [(tuple(cache.seqlen if n == 0 else n for n in f.shape), f.device) for f in fresh]
+            state = state if isinstance(state, (tuple, list)) else [state]
+            # The dtype may differ from the fresh state's (autocast computes some in 16 bits): floating point only.
+            if len(state) != len(fresh) or not all(
+                isinstance(t, torch.Tensor) and t.dtype.is_floating_point and (tuple(t.shape), t.device) == w
+                for t, w in zip(state, want, strict=False)
+            ):
+                got = [(tuple(t.shape), t.device, t.dtype) if isinstance(t, torch.Tensor) else t for t in state]
+                raise ValueError(
+                    f"cache is not this model's: layer {i} ({layer.kind}) holds (shape, device, dtype) {got}, this "
+                    f"model's holds (shape, device) {want}: make the cache with this model's new_cache()"
+                )
+
+    def _check_ids(self, name, ids):
+        """Token ids must index the embedding: integers in [0, vocab_size) (on CUDA a bad one is a device assert)."""
+        vocab = self.embed_tokens.num_embeddings
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must hold integer token ids (int64 or int32), got {ids.dtype}")
+        if ids.numel() and ids.device.type != "meta":
+            low, high = (int(x) for x in torch.aminmax(ids))
+            if low < 0 or high >= vocab:
+                raise ValueError(
+                    f"{name} must hold token ids in [0, vocab_size={vocab}), got ids from {low} to {high}: is the "
+                    f"tokenizer this model's?"
+                )
 
     def _logits(self, hidden):
         return self.lm_head(self.final_layernorm(hidden.to(self.final_layernorm.weight.dtype)))
@@ -180,6 +216,7 @@ class CausalLM(GenerationMixin, HFCheckpointMixin, nn.Module):
             raise ValueError(
                 f"input_ids must be a (batch, L) tensor with L >= 1, got {getattr(input_ids, 'shape', input_ids)}"
             )
+        self._check_ids("input_ids", input_ids)
         if cache is not None:
             self._check_cache(cache, input_ids.shape[0])
         pads = self._padding(attention_mask, input_ids, cache, need_token)
@@ -210,6 +247,7 @@ class CausalLM(GenerationMixin, HFCheckpointMixin, nn.Module):
         """
         if not isinstance(token, torch.Tensor) or token.ndim != 1:
             raise ValueError(f"token must be (batch,), one id per sequence, got {getattr(token, 'shape', token)}")
+        self._check_ids("token", token)
         self._check_cache(cache, token.shape[0])
         mask = None
         if cache.pads is not None and any(layer.kind == "attention" for layer in self.layers):

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, Layout
-from .checks import positive_int
+from .checks import positive_int, positive_real
 from .lm import CausalLM
 from .norm import RMSNorm
 from .s6 import SelectiveSSM, auto_dt_rank
@@ -178,9 +178,11 @@ class MambaConfig:
         if self.dt_rank == "auto":
             self.dt_rank = auto_dt_rank(self.d_model)
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(name, getattr(self, name))
+        for name in ("norm_eps", "dt_min", "dt_max", "dt_init_floor"):
+            positive_real(name, getattr(self, name), finite=True)
+        if self.dt_max < self.dt_min:
+            raise ValueError(f"dt_max must be >= dt_min={self.dt_min!r}, got {self.dt_max!r}")
 
     @property
     def d_inner(self):

@@ -115,8 +115,10 @@ class SelectiveSSM(nn.Module):
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
         self.selective, self.scan_impl = selective, scan_impl
 
-        # Δ's initial value: log-uniform in [dt_min, dt_max], floored, stored through softplus's inverse.
-        u01 = torch.rand(d_inner, device=device, dtype=torch.float64)  # (d_inner,), cast to dtype below
+        # Δ's initial value: log-uniform in [dt_min, dt_max], floored, stored through softplus's inverse. Drawn and
+        # computed on the CPU, then moved: math on meta tensors (sizing a model without building it) first imports
+        # torch's compiler stack, seconds of it, and the CPU's generator makes one seed one init on every device.
+        u01 = torch.rand(d_inner, dtype=torch.float64)  # (d_inner,), cast to dtype below
         dt = torch.exp(math.log(dt_min) + u01 * (math.log(dt_max) - math.log(dt_min))).clamp(min=dt_init_floor)
         if selective:
             self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **factory)
@@ -140,8 +142,8 @@ class SelectiveSSM(nn.Module):
 
         # S4D-Real: A = -(1, 2, ..., N) in every channel, stored as its log so A stays negative while it learns.
         ssm_dtype = torch.promote_types(dtype, torch.float32)
-        A = torch.arange(1, d_state + 1, device=device, dtype=ssm_dtype).repeat(d_inner, 1)  # (d_inner, N)
-        self.A_log = nn.Parameter(torch.log(A))
+        A = torch.arange(1, d_state + 1, dtype=ssm_dtype).repeat(d_inner, 1)  # (d_inner, N), on the CPU as Δ
+        self.A_log = nn.Parameter(torch.log(A).to(device))
         self.D = nn.Parameter(torch.ones(d_inner, device=device, dtype=ssm_dtype))  # (d_inner,)
         self.A_log._no_weight_decay = True  # decaying A_log would pull A towards -1, D towards 0
         self.D._no_weight_decay = True

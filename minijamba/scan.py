@@ -21,6 +21,7 @@ so it can be computed as a parallel prefix scan. The implementations:
     "cuda-emulated" the same CUDA kernels run on the CPU under CUDA's execution model (cuda/emulator/): slow,
                   for checking the kernels on machines without a GPU; CPU tensors.
     "auto"        the fused kernel for u's device when it builds; otherwise "chunked", with a one-time warning.
+                  On a device with no fused kernel (meta, mps), "chunked" without a warning.
                   What training asks for (TrainConfig.scan_impl), as do the benchmarks.
 The default is "chunked", one of the torch scans lesson 03 teaches, and so is SelectiveSSM's: a fused kernel runs
 only where it is asked for, by name or through "auto". Only then is minijamba.fused imported, whose load() brings
@@ -164,7 +165,9 @@ def _auto_impl(u):
     """The fused kernel for u's device if it builds, else "chunked" (warning once per process and kind)."""
     from . import fused  # here, not at the top: only a fused impl or "auto" loads the extension machinery
 
-    kind = "cuda" if u.is_cuda else "cpu"
+    if u.device.type not in ("cpu", "cuda"):  # meta (shapes only), mps: no kernel to build, nothing to warn about
+        return "chunked"
+    kind = u.device.type
     try:
         fused.load(kind)
         return kind
@@ -227,6 +230,8 @@ def selective_scan(
     tensors = dict(delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
     _check_tensors(u, tensors, impl)
     check_selective_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if A.shape[1] == 0:  # the torch scans would return D·u; the fused kernels have no state to loop over
+        raise ValueError(f"A must be (dim, N) with d_state N >= 1, got {tuple(A.shape)}")
     if impl in FUSED_IMPLS and u.device.type != FUSED_DEVICES[impl]:
         raise ValueError(f"impl={impl!r} needs tensors on the {FUSED_DEVICES[impl]} device, u is on {u.device}")
 

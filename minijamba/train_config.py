@@ -5,18 +5,27 @@ train_config.json) needs no part of the training loop; train.py imports it too.
 
     MODELS        the model families train.py trains: jamba, mamba, and a transformer baseline
     PRESETS       {preset: {"train": TrainConfig fields, model: {"lr", "shape"}}}: shapes by name (models.PRESETS)
-    TrainConfig   every setting of a run, one dataclass; each field is a --flag of `python -m minijamba.train`
+    TrainConfig   every setting of a run, one dataclass; each field is a --flag of `python -m minijamba.train`;
+                  TrainConfig.from_json reads a run's train_config.json back
     model_config  the JambaConfig or MambaConfig a TrainConfig builds
+    resolve_device  the torch device a --device names, checked to exist on this machine
 """
 
+import json
 import math
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
+from pathlib import Path
+
+import torch
 
 from . import models
 from .checks import positive_int
+from .generation import check_seed
 from .scan import FUSED_IMPLS
 
-__all__ = ["MODELS", "SCAN_IMPLS", "PRESETS", "TrainConfig", "model_config"]
+__all__ = ["MODELS", "SCAN_IMPLS", "PRESETS", "DEVICE_TYPES", "MAX_LR", "TrainConfig", "model_config", "resolve_device"]
 
 # Each model and the family of its shape: the transformer baseline is a JambaLM whose every layer is attention
 # (the same code path, no Mamba).
@@ -44,6 +53,31 @@ PRESETS = {
     },
 }  # fmt: skip
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")  # where train and sample run: torch.device types, besides "auto"
+# AdamW moves every weight by about lr per step, and these weights are of order 0.02 to 1, so no lr above 1 trains;
+# up to MAX_LR is accepted so that a divergence can still be provoked on purpose (`--lr 20`) and stop cleanly. Far
+# above it torch's own arithmetic overflows: --lr 3e38 makes AdamW's step size lr / (1 - beta1) pass float32's range,
+# a RuntimeError inside torch.
+MAX_LR = 100.0
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "None"}
+
+
+def _type_error(name, kind, value):
+    """The message for a field whose value is not of its annotated type (a bool is no int), or None when it is."""
+    options = kind.__args__ if isinstance(kind, types.UnionType) else (kind,)
+    fits = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, Integral) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, Real) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        type(None): lambda v: v is None,
+    }
+    if any(fits[option](value) for option in options):
+        return None
+    return f"{name} must be {' or '.join(_KINDS[option] for option in options)}, got {value!r}"
+
 
 @dataclass
 class TrainConfig:
@@ -54,6 +88,7 @@ class TrainConfig:
     max_stories: int | None = None  # only the first max_stories stories of each split (tests, quick looks)
     out_dir: str = "runs/jamba"
     resume: bool = False  # continue from <out_dir>/latest
+    overwrite: bool = False  # replace the run already in out_dir (a new run refuses to, otherwise)
     vocab_size: int = 2048  # the BPE tokenizer's, trained on the training text at the start of a run
     context: int = 256
     batch_size: int = 32  # global: split across processes under torchrun
@@ -79,6 +114,10 @@ class TrainConfig:
     n_samples: int = 3
 
     def __post_init__(self):
+        for f in fields(self):
+            error = _type_error(f.name, f.type, getattr(self, f.name))
+            if error:
+                raise ValueError(error)
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {tuple(MODELS)}, got {self.model!r}")
         if self.preset not in PRESETS:
@@ -94,17 +133,24 @@ class TrainConfig:
             positive_int(name, getattr(self, name))
         for name in ("max_stories", "threads"):
             positive_int(name, getattr(self, name), none_ok=True)
-        for name in ("lr", "grad_clip", "beta1", "beta2"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)!r}")
+        if not 0 < self.lr <= MAX_LR:
+            raise ValueError(f"lr must be in (0, {MAX_LR:g}] (MAX_LR: no AdamW run learns above 1), got {self.lr!r}")
+        if not 0 < self.grad_clip < math.inf:
+            raise ValueError(f"grad_clip must be a positive finite number, got {self.grad_clip!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"warmup_steps and weight_decay must be >= 0, got {self.warmup_steps}, {self.weight_decay}"
-            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive or None, got {self.max_minutes!r}")
+        check_seed("seed", self.seed)
+        if self.device != "auto":
+            _device(self.device)
 
     @classmethod
     def from_preset(cls, model="jamba", preset="cpu20", **overrides):
@@ -115,6 +161,62 @@ class TrainConfig:
             raise ValueError(f"model must be one of {tuple(MODELS)}, got {model!r}")
         values = {**PRESETS[preset]["train"], "lr": PRESETS[preset][model]["lr"], **overrides}
         return cls(model=model, preset=preset, **values)
+
+    @classmethod
+    def from_json(cls, path):
+        """The TrainConfig a run saved (its train_config.json). A missing, damaged or foreign file is a one-line
+        error naming it: FileNotFoundError when it is absent, ValueError otherwise. Keys it lacks take their
+        defaults (files written before a field existed); keys this TrainConfig lacks are refused."""
+        path = Path(path)
+        if not path.is_file():  # a FIFO or a folder there would hang or fail inside read_text
+            if path.exists():
+                raise ValueError(f"{path} is not a regular file: the checkpoint is damaged; use another one")
+            raise FileNotFoundError(f"no {path.name} in {str(path.parent)!r}: is it a checkpoint folder of train.py?")
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not readable JSON ({e}): the checkpoint is damaged; use another one") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object of TrainConfig fields, got {type(values).__name__}")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown setting(s) {', '.join(unknown)}: not a train_config.json of this version of "
+                "minijamba; remove them or use the version that wrote it"
+            )
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _device(name):
+    """torch.device(name), a ValueError naming the flag when torch cannot parse it or train cannot use its type."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # torch's parse error lists every backend it was built with
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:<index> or mps, got {name!r}")
+    return device
+
+
+def resolve_device(name):
+    """The device (a str torch takes) that --device `name` means here ("auto": cuda when torch sees a GPU, else
+    cpu); a device this machine lacks is a ValueError saying so. Checked here, not in TrainConfig, since a run saved
+    with --device cuda must still load where there is no GPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: torch sees {count} GPU(s) here, cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: torch sees no MPS device on this machine; use --device cpu (or auto)")
+    return str(device)
 
 
 def model_config(cfg):

@@ -2,6 +2,7 @@
 batches, bits/byte; the file writers (checkpoint.atomic_write) leave a whole file or none."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -146,3 +147,73 @@ class FailingTokenizer:
         if self.calls == 2:
             raise KeyboardInterrupt
         return self.tokenizer.encode_batch(stories)
+
+
+def test_the_token_cache_follows_the_text_file(tokenizer, stories, tmp_path, monkeypatch):
+    """The cache is keyed on the text too: a shortened file, or one rewritten with its size and mtime kept, is
+    encoded again, and the caches of the old text go (those of another tokenizer for the current text stay)."""
+    path = tmp_path / "valid.txt"
+    monkeypatch.setattr(data, "HEAD_TAIL", 64)  # files much longer than their head and tail
+
+    def encoded_as_written(texts, mtime_ns=None):
+        path.write_text("".join(f"{s}\n{data.EOT}\n" for s in texts), encoding="utf-8")
+        if mtime_ns is not None:
+            os.utime(path, ns=(mtime_ns, mtime_ns))
+        return np.array_equal(data.encode_file(tokenizer, path), data.encode_stories(tokenizer, texts))
+
+    assert encoded_as_written(stories[:30])
+    other = data.train_tokenizer(stories, 300)
+    data.encode_file(other, path)
+    (tmp_path / "valid.0123456789ab.bin").write_bytes(b"\0\0")  # the name caches had before they were keyed on text
+    (tmp_path / "valid.notes.bin").write_bytes(b"mine")  # not a cache: never deleted
+    assert encoded_as_written(stories[:10])
+    assert (tmp_path / "valid.notes.bin").exists() and not (tmp_path / "valid.0123456789ab.bin").exists()
+    assert len(list(tmp_path.glob("valid.*.*.bin"))) == 1  # the old text's caches, of both tokenizers, are gone
+    head, middle, tail = ("X" + stories[0][1:], "X" + stories[4][1:], stories[9][:-1] + "X")  # each the same size
+    mtime_ns = path.stat().st_mtime_ns
+    assert encoded_as_written([head, *stories[1:10]], mtime_ns)  # the old mtime put back, as `cp -p` would
+    assert encoded_as_written([head, *stories[1:9], tail], mtime_ns)
+    assert encoded_as_written([head, *stories[1:4], middle, *stories[5:9], tail], mtime_ns + 10**9)  # a later edit
+    assert len(list(tmp_path.glob("valid.*.*.bin"))) == 1
+
+
+def test_a_damaged_bundled_file_says_reinstall(monkeypatch, tmp_path):
+    good = (data.BUNDLED_DIR / "valid.txt.xz").read_bytes()
+    monkeypatch.setattr(data, "BUNDLED_DIR", tmp_path)
+    for damaged in (b"not xz at all", good[: len(good) // 2]):  # garbage, then a file cut short
+        (tmp_path / "valid.txt.xz").write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"bundled .*valid.txt.xz is damaged .*reinstall minijamba") as info:
+            data.read_text("valid")
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"Once upon a time.\n" * 50 + b"\xff\xfe bad bytes\n", r"is not UTF-8 text \(a 0xff byte\)"),
+        (b"", "is empty|holds no stories"),
+        (f"\n{data.EOT}\n\n{data.EOT}\n".encode(), "holds no stories"),
+    ],
+)
+def test_a_data_file_that_is_not_utf8_or_has_no_stories_is_a_one_line_error(tokenizer, tmp_path, content, message):
+    path = tmp_path / "train.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path} ({message}); delete it and run `make data-full` again"):
+        data.encode_file(tokenizer, path, block_chars=100)
+    assert [p.name for p in tmp_path.iterdir()] == ["train.txt"]  # no cache left behind
+    if b"\xff" in content or not content:
+        with pytest.raises(ValueError, match=f"{path} ({message})"):
+            data.read_text("train", tmp_path)
+
+
+def test_read_text_max_chars_reads_the_head_only(tmp_path):
+    (tmp_path / "train.txt").write_text("héllo world", encoding="utf-8")
+    assert data.read_text("train", tmp_path, max_chars=5) == "héllo"
+
+
+@pytest.mark.parametrize("content", [b"not json {", b"\xff\xfe\x00garbage", b'{"version": "1.0"}'])
+def test_a_garbage_tokenizer_file_is_a_one_line_error(tmp_path, content):
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ValueError, match=r"tokenizer.json is not a tokenizer file \(.*\); the checkpoint") as info:
+        data.load_tokenizer(tmp_path)
+    assert "\n" not in str(info.value)

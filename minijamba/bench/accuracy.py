@@ -36,7 +36,7 @@ import torch
 from .. import fused
 from ..reference import selective_scan_ref
 from ..scan import FUSED_DEVICES, FUSED_IMPLS, IMPLS, selective_scan
-from .measure import describe_machine
+from .measure import describe_machine, int_list, pos_float, pos_int
 from .scan import _estimated_bytes, checked_impls
 
 REGIMES = ("official", "tests")
@@ -119,18 +119,18 @@ def growth_exponent(lengths, errors):
 
 def add_arguments(parser):
     parser.add_argument("--regime", choices=REGIMES, default="official")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--dim", type=int, default=512, help="channels (d_inner)")
-    parser.add_argument("--d-state", type=int, default=16)
-    parser.add_argument("--lengths", default="512,1024,2048,4096", help="comma-separated L values")
+    parser.add_argument("--batch", type=pos_int, default=2)
+    parser.add_argument("--dim", type=pos_int, default=512, help="channels (d_inner)")
+    parser.add_argument("--d-state", type=pos_int, default=16)
+    parser.add_argument("--lengths", type=int_list, default="512,1024,2048,4096", help="comma-separated L values")
     choices = [*IMPLS, *FUSED_IMPLS]
     parser.add_argument("--impls", default="sequential,parallel,chunked,cpu", help=f"comma-separated, from {choices}")
     parser.add_argument("--time-invariant", action="store_true", help="B and C of shape (dim, N)")
-    parser.add_argument("--max-gb", type=float, default=4.0, help="skip runs estimated to need more memory")
+    parser.add_argument("--max-gb", type=pos_float, default=4.0, help="skip runs estimated to need more memory")
 
 
 def run(args):
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = args.lengths
     impls = checked_impls(args.impls)
     for impl in [i for i in impls if i in FUSED_IMPLS]:
         fused.load(impl)  # a failed build says why here, before any time is spent

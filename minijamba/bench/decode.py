@@ -27,24 +27,26 @@ import torch
 from ..jamba import JambaConfig, JambaLM
 from ..models import count_parameters
 from ..plotting import save_figure
-from .measure import best_time, describe_machine
+from .measure import best_time, describe_machine, int_list, pos_int, threads_arg
 
 LAYOUTS = {"mamba": "all-mamba", "jamba": "jamba", "attention": "all-attention"}  # --models name: JambaConfig layout
 
 
 def add_arguments(parser):
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-layer", type=int, default=8)
-    parser.add_argument("--attn-period", type=int, default=8, help="jamba: one attention layer in this many")
-    parser.add_argument("--vocab-size", type=int, default=256)
+    parser.add_argument("--d-model", type=pos_int, default=256)
+    parser.add_argument("--n-layer", type=pos_int, default=8)
+    parser.add_argument("--attn-period", type=pos_int, default=8, help="jamba: one attention layer in this many")
+    parser.add_argument("--vocab-size", type=pos_int, default=256)
     parser.add_argument("--models", default=",".join(LAYOUTS), help=f"comma-separated, from {list(LAYOUTS)}")
-    parser.add_argument("--lengths", default="128,256,512,1024,2048,4096,8192,16384", help="comma-separated contexts")
-    parser.add_argument("--chunk", type=int, default=512, help="prefill chunk length (bounds prefill memory)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed steps per context and round")
-    parser.add_argument("--rounds", type=int, default=3, help="passes over all contexts; the best step is reported")
+    parser.add_argument(
+        "--lengths", type=int_list, default="128,256,512,1024,2048,4096,8192,16384", help="comma-separated contexts"
+    )
+    parser.add_argument("--chunk", type=pos_int, default=512, help="prefill chunk length (bounds prefill memory)")
+    parser.add_argument("--repeats", type=pos_int, default=20, help="timed steps per context and round")
+    parser.add_argument("--rounds", type=pos_int, default=3, help="passes over all contexts; the best step is reported")
     # Batch-1 decoding is small matmuls: a second OpenMP thread only adds synchronisation, and on a shared machine
     # with another busy process it makes steps far slower (README, "Measured").
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=threads_arg, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--no-figure", action="store_true")
 
 
@@ -132,7 +134,7 @@ def measure_decode(model, ids, lengths, chunk=512, rounds=5, repeats=20):
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    lengths = sorted(int(x) for x in args.lengths.split(","))
+    lengths = sorted(args.lengths)
     layouts = [m.strip() for m in args.models.split(",")]
     if unknown := sorted(set(layouts) - set(LAYOUTS)):
         raise SystemExit(f"--models: unknown {unknown}; choose from {list(LAYOUTS)}")

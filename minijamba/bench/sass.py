@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import fused
+from .measure import pos_int
 
 SOURCE = fused.CUDA_DIR / "selective_scan.cu"
 GOALS = {"forward": 20, "backward": 45}  # SASS instructions per (step, state)
@@ -287,7 +288,7 @@ def format_table(counts, items, arch):
 def add_arguments(parser):
     parser.add_argument("--cubin", type=Path, help="count this cubin (or the --arch one in this object/extension)")
     parser.add_argument("--arch", default="9.0", help="the architecture to build or extract, X.Y (default 9.0)")
-    parser.add_argument("--items", type=int, help="steps per thread (default: kCudaItems of this checkout's cuda/)")
+    parser.add_argument("--items", type=pos_int, help="steps per thread (default: kCudaItems of this checkout's cuda/)")
     parser.add_argument("--check", action="store_true", help="exit with status 1 when a kernel misses its goal")
 
 

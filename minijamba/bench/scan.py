@@ -21,7 +21,14 @@ import torch
 
 from ..plotting import save_figure
 from ..scan import DEFAULT_CHUNK, FUSED_DEVICES, FUSED_IMPLS, IMPLS, selective_scan
-from .measure import best_time, describe_machine, peak_extra_bytes
+from .measure import (
+    best_time,
+    describe_machine,
+    int_list,
+    peak_extra_bytes,
+    pos_float,
+    pos_int,
+)
 
 
 def available_impls():
@@ -30,15 +37,17 @@ def available_impls():
 
 
 def add_arguments(parser):
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--dim", type=int, default=512, help="channels (d_inner)")
-    parser.add_argument("--d-state", type=int, default=16)
-    parser.add_argument("--lengths", default="256,512,1024,2048,4096,8192", help="comma-separated L values")
+    parser.add_argument("--batch", type=pos_int, default=2)
+    parser.add_argument("--dim", type=pos_int, default=512, help="channels (d_inner)")
+    parser.add_argument("--d-state", type=pos_int, default=16)
+    parser.add_argument(
+        "--lengths", type=int_list, default="256,512,1024,2048,4096,8192", help="comma-separated L values"
+    )
     choices = [*IMPLS, *FUSED_IMPLS]
     parser.add_argument("--impls", default=",".join(available_impls()), help=f"comma-separated, from {choices}")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-gb", type=float, default=4.0, help="skip runs estimated to need more memory")
-    parser.add_argument("--max-seconds", type=float, default=5.0, help="skip runs predicted to take longer")
+    parser.add_argument("--repeats", type=pos_int, default=3)
+    parser.add_argument("--max-gb", type=pos_float, default=4.0, help="skip runs estimated to need more memory")
+    parser.add_argument("--max-seconds", type=pos_float, default=5.0, help="skip runs predicted to take longer")
     parser.add_argument("--no-figure", action="store_true")
 
 
@@ -154,7 +163,7 @@ def checked_impls(text):
 
 
 def run(args):
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = args.lengths
     impls = checked_impls(args.impls)
     bandwidth = copy_bandwidth() if "cuda" in impls else None
     if bandwidth:
