@@ -296,9 +296,13 @@ def depthwise_causal_conv(window, weight, bias=None):
 
 
 class MambaMixer(nn.Module):
-    """The Mamba block of Figure 3: (batch, L, d_model) -> (batch, L, d_model), plus its state after the last token."""
+    """The Mamba block of Figure 3: (batch, L, d_model) -> (batch, L, d_model), plus its state after the last token.
 
-    def __init__(self, config, device=None, dtype=None):
+    selective=False puts the LTI twin of S6 inside (SelectiveSSM(selective=False)): Table 1's "Mamba + S4" row
+    (tasks.py). It is an argument, not a config field, because no checkpoint layout has such a block.
+    """
+
+    def __init__(self, config, device=None, dtype=None, selective=True):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         d_inner, self.d_conv = config.d_inner, config.d_conv
@@ -315,6 +319,7 @@ class MambaMixer(nn.Module):
             config.dt_min,
             config.dt_max,
             config.dt_init_floor,
+            selective=selective,
             scan_impl=config.scan_impl,
             inner_norm=norm,
             **factory,
@@ -367,11 +372,11 @@ class MambaBlock(nn.Module):
     kind = "mamba"
     is_moe = False
 
-    def __init__(self, config, device=None, dtype=None):
+    def __init__(self, config, device=None, dtype=None, selective=True):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
-        self.mixer = MambaMixer(config, device=device, dtype=dtype)
+        self.mixer = MambaMixer(config, device=device, dtype=dtype, selective=selective)
 
     def _residual(self, hidden):
         return hidden.to(torch.promote_types(hidden.dtype, torch.float32)) if self.residual_in_fp32 else hidden

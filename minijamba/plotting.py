@@ -683,3 +683,45 @@ def plot_loss_curves(runs, live=()):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return fig
+
+
+def plot_training_curves(curves, chance, title, paper=None):
+    """Accuracy against training step, one colour per model and one thin line per seed, the mean over seeds bold.
+
+    curves: {label: {seed: [(step, accuracy), ...]}}; paper: {label: accuracy} drawn as a dashed level per model.
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    for i, (label, runs) in enumerate(curves.items()):
+        color = f"C{i}"
+        for points in runs.values():
+            ax.plot(*zip(*points, strict=True), color=color, lw=0.8, alpha=0.45)
+        steps = [s for s, _ in next(iter(runs.values()))]
+        mean = np.mean([[a for _, a in points] for points in runs.values()], axis=0)
+        ax.plot(steps, mean, color=color, lw=2.2, label=f"{label}: {mean[-1]:.1%}")
+        if paper and label in paper:
+            ax.axhline(paper[label], color=color, ls="--", lw=1)
+    ax.axhline(chance, color="grey", ls=":", label=f"chance ({chance:.1%})")
+    ax.set(xlabel="training step", ylabel="answer accuracy (eval batches)", ylim=(0, 1.02), title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_length_generalization(results, train_length, chance, title, paper=None):
+    """Accuracy against log2(test length), one line per model, the training length marked (the paper's Figure).
+
+    results: {label: {length: accuracy}}; paper: {label: {length: accuracy}} drawn as hollow markers.
+    """
+    fig, ax = plt.subplots(figsize=(8.5, 4.6))
+    for i, (label, accuracies) in enumerate(results.items()):
+        lengths = sorted(accuracies)
+        ax.plot(np.log2(lengths), [accuracies[n] for n in lengths], "o-", color=f"C{i}", label=label)
+        if paper and label in paper:
+            reported = sorted(paper[label])
+            ax.plot(np.log2(reported), [paper[label][n] for n in reported], "o", mfc="none", color=f"C{i}", ms=9)
+    ax.axvline(np.log2(train_length), color="black", ls="--", lw=1, label=f"training length {train_length}")
+    ax.axhline(chance, color="grey", ls=":", label=f"chance ({chance:.1%})")
+    ax.set(xlabel="log2(test length)", ylabel="answer accuracy", ylim=(0, 1.04), title=title)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
