@@ -299,7 +299,7 @@ class MambaMixer(nn.Module):
     """The Mamba block of Figure 3: (batch, L, d_model) -> (batch, L, d_model), plus its state after the last token.
 
     selective=False puts the LTI twin of S6 inside (SelectiveSSM(selective=False)): Table 1's "Mamba + S4" row
-    (tasks.py). It is an argument, not a config field, because no checkpoint layout has such a block.
+    (tasks/model.py). It is an argument, not a config field, because no checkpoint layout has such a block.
     """
 
     def __init__(self, config, device=None, dtype=None, selective=True):

@@ -126,12 +126,9 @@ def position_vote_accuracy(seq_len, n_data, vocab, n_sequences=4000, seed=0):
 def held_out_accuracy(model, config):
     """Answer accuracy on the test set: the same test_batches batches for every row, seed and run."""
     model.eval()
-    hits = total = 0
-    for i in range(config.test_batches):
-        inputs, targets = config.make_batch(torch.Generator().manual_seed(TEST_SEED + i))
-        hits += answer_accuracy(model, inputs, targets) * config.n_data * config.batch
-        total += config.n_data * config.batch
-    return hits / total
+    batches = (config.make_batch(torch.Generator().manual_seed(TEST_SEED + i)) for i in range(config.test_batches))
+    # every batch holds batch x n_data answers, so the mean of the batches' accuracies is the test set's
+    return sum(answer_accuracy(model, inputs, targets) for inputs, targets in batches) / config.test_batches
 
 
 def train_row(config, key, seed, save_dir=None, report=None):
