@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "causal_conv.h"
 #include "cpu_math.h"
 #include "selective_scan.h"
 
@@ -102,27 +103,37 @@ void check_matrix(const Tensor& M, const char* name, int64_t batch, int64_t dim,
               ") selective, or (batch, groups, N, L) with groups dividing dim=", dim, "; got ", shape_of(M));
 }
 
-// A checked B or C as a MatrixView (see scan_op.h). Its rows (the last dimension) may be longer than L: padded.
-MatrixView matrix_view(const Tensor& M, int64_t dim) {
+// A checked B or C as a MatrixView (see scan_op.h), `M` being the tensor kernel_matrix returned. Its rows may be
+// longer than L (padded, for the CUDA kernels); on the CPU a time-varying one is stored step-major, (..., L, N).
+MatrixView matrix_view(const Tensor& M, int64_t dim, bool step_major) {
   if (M.dim() == 2) return {0, M.size(1), 1, 0, 1, M.numel()};
-  const int64_t groups = M.dim() == 4 ? M.size(1) : 1, N = M.size(-2), row = M.size(-1);
-  return {groups * N * row, N * row, row, 1, dim / groups, M.numel()};
+  const int64_t groups = M.dim() == 4 ? M.size(1) : 1, per_group = M.size(-2) * M.size(-1);
+  const int64_t n_stride = step_major ? 1 : M.size(-1), t_stride = step_major ? M.size(-1) : 1;
+  return {groups * per_group, per_group, n_stride, t_stride, dim / groups, M.numel()};
 }
 
 // The B or C the kernels read. The CUDA kernels load a time-varying one a whole warp's run at a time with no
 // bounds checks (selective_scan.cu): unless its rows are already whole chunks and 16-byte aligned, they get a
-// copy padded with zeros to whole chunks. The CPU twin reads B and C as they are.
+// copy padded with zeros to whole chunks. The CPU twin reads a time-varying one step-major, (..., L, N): a step's
+// N numbers side by side, so that its loops over n are unit-stride and vectorize; the (..., N, L) argument is
+// transposed into that (a copy of batch · L · N numbers, 1/dim of the scan's work; x_proj writes B and C step-major
+// anyway). A time-invariant (dim, N) one is read as it is.
 Tensor kernel_matrix(const Tensor& M, [[maybe_unused]] const Tensor& u) {
+  if (M.dim() == 2) return M;
 #if defined(MINIJAMBA_WITH_CUDA) || defined(MINIJAMBA_CUDA_EMULATED)
-  if (uses_cuda_kernels(u) && M.dim() > 2) {
+  if (uses_cuda_kernels(u)) {
     const int64_t L = M.size(-1), whole = (L + kCudaChunk - 1) / kCudaChunk * kCudaChunk;
     if (L != whole || reinterpret_cast<std::uintptr_t>(M.data_ptr()) % 16 != 0) {
       return at::constant_pad_nd(M, {0, whole - L});  // a fresh tensor, aligned, even when nothing is added
     }
+    return M;
   }
 #endif
-  return M;
+  return M.transpose(-1, -2).contiguous();
 }
+
+// Whether kernel_matrix stored a B or C step-major: a time-varying one on the CPU twin.
+bool step_major(const Tensor& M, [[maybe_unused]] const Tensor& u) { return M.dim() > 2 && !uses_cuda_kernels(u); }
 
 template <typename X>
 X* pointer(const Tensor& t) {  // the dtype was checked: at::Half and __half, for one, are the same 16 bits
@@ -157,8 +168,8 @@ Inputs<T, In> input_args(const Tensor& u, const Tensor& delta, const Tensor& A, 
   check_matrix(C, "C", batch, dim, N, L);
   Inputs<T, In> inputs{{}, kernel_matrix(B, u), kernel_matrix(C, u)};
   ScanArgs<T, In>& p = inputs.p;
-  p.B_view = matrix_view(inputs.B, dim);
-  p.C_view = matrix_view(inputs.C, dim);
+  p.B_view = matrix_view(inputs.B, dim, step_major(B, u));
+  p.C_view = matrix_view(inputs.C, dim, step_major(C, u));
   const auto optional = [&](const OptionalTensor& t, const char* name, at::IntArrayRef shape, bool sequence) {
     if (!t.has_value()) return static_cast<void*>(nullptr);
     sequence ? check_like_u(*t, name, u) : check_like_state(*t, name, u);
@@ -403,14 +414,91 @@ std::vector<OptionalTensor> backward(const Tensor& u, const Tensor& delta, const
 #endif
     }
     const auto summed = [](const OptionalTensor& t) { return t ? OptionalTensor(t->sum(0)) : std::nullopt; };
-    const auto matrix_grad = [&](const Tensor& copies, const Tensor& M) {  // without the padding, in M's dtype
-      return OptionalTensor(copies.sum(0).narrow(-1, 0, M.size(-1)).to(M.scalar_type()));
+    const auto matrix_grad = [&](const Tensor& copies, const Tensor& M) {  // M's layout and dtype, no padding
+      const Tensor sum = step_major(M, u) ? copies.sum(0).transpose(-1, -2) : copies.sum(0).narrow(-1, 0, M.size(-1));
+      return OptionalTensor(sum.contiguous().to(M.scalar_type()));
     };
     grads = {grad_u,         grad_delta, summed(grad_A), matrix_grad(grad_B, B), matrix_grad(grad_C, C),
              summed(grad_D), grad_z,     summed(grad_bias), grad_initial};
   });
   return grads;
 }
+
+#ifndef MINIJAMBA_CUDA_EMULATED
+// The Mamba block's conv + SiLU on the CPU (causal_conv_cpu.cpp): x (batch, L, dim) channels-last with unit stride
+// along dim (the in_proj output's slice), weight (dim, K), bias (dim,) or None, prefix (batch, dim, K - 1) or None
+// (the cached inputs before x; None: zeros) -> silu(conv) as (batch, dim, L), contiguous.
+void check_conv(const Tensor& x, const Tensor& weight, const OptionalTensor& bias, const OptionalTensor& prefix) {
+  TORCH_CHECK(x.defined() && x.dim() == 3, "x must have shape (batch, L, dim), got ",
+              x.defined() ? shape_of(x) : "None");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.is_cpu(), "x must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.stride(2) == 1 || x.size(2) <= 1, "x must have unit stride along dim (channels-last), got strides ",
+              c10::str(x.strides()));
+  const int64_t batch = x.size(0), dim = x.size(2);
+  const OptionalTensor weight_ = weight;
+  for (const auto& [name, t] : {std::pair{"weight", &weight_}, {"bias", &bias}, {"prefix", &prefix}}) {
+    if (!t->has_value()) continue;
+    const Tensor& v = **t;
+    TORCH_CHECK(v.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(), ", got ",
+                v.scalar_type());
+    TORCH_CHECK(v.is_cpu(), name, " must be on the CPU, got ", v.device());
+    TORCH_CHECK(v.is_contiguous(), name, " must be contiguous");
+  }
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == dim && weight.size(1) >= 1, "weight must have shape (dim=", dim,
+              ", d_conv >= 1), got ", shape_of(weight));
+  if (bias) check_shape(*bias, "bias", {dim});
+  if (prefix) check_shape(*prefix, "prefix", {batch, dim, weight.size(1) - 1});
+}
+
+template <typename T>
+ConvArgs<T> conv_args(const Tensor& x, const Tensor& weight, const OptionalTensor& bias, const OptionalTensor& prefix) {
+  ConvArgs<T> p{};
+  p.batch = x.size(0), p.length = x.size(1), p.dim = x.size(2), p.d_conv = weight.size(1);
+  p.x_batch_stride = x.stride(0), p.x_step_stride = x.stride(1);
+  p.x = pointer<const T>(x), p.weight = pointer<const T>(weight);
+  p.bias = bias ? pointer<const T>(*bias) : nullptr, p.prefix = prefix ? pointer<const T>(*prefix) : nullptr;
+  return p;
+}
+
+Tensor conv_forward(const Tensor& x, const Tensor& weight, const OptionalTensor& bias, const OptionalTensor& prefix) {
+  check_conv(x, weight, bias, prefix);
+  const Tensor out = at::empty({x.size(0), x.size(2), x.size(1)}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward", [&] {
+    ConvArgs<scalar_t> p = conv_args<scalar_t>(x, weight, bias, prefix);
+    p.out = pointer<scalar_t>(out);
+    causal_conv_silu_forward_cpu(p);
+  });
+  return out;
+}
+
+// Gradients of (x as (batch, L, dim) contiguous, weight, bias or None, prefix or None) for grad_out (batch, dim, L).
+std::vector<OptionalTensor> conv_backward(const Tensor& x, const Tensor& weight, const OptionalTensor& bias,
+                                          const OptionalTensor& prefix, const Tensor& grad_out) {
+  check_conv(x, weight, bias, prefix);
+  TORCH_CHECK(grad_out.defined() && grad_out.scalar_type() == x.scalar_type() && grad_out.is_cpu() &&
+                  grad_out.is_contiguous(),
+              "grad_out must be a contiguous CPU tensor of x's dtype ", x.scalar_type());
+  check_shape(grad_out, "grad_out", {x.size(0), x.size(2), x.size(1)});
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), x.size(0)));
+  const Tensor grad_x = at::zeros({x.size(0), x.size(1), x.size(2)}, x.options());
+  const Tensor grad_weight = at::zeros({tasks, weight.size(0), weight.size(1)}, x.options());
+  const Tensor grad_bias = at::zeros({tasks, x.size(2)}, x.options());
+  const OptionalTensor grad_prefix = prefix ? OptionalTensor(at::zeros_like(*prefix)) : std::nullopt;
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward", [&] {
+      ConvArgs<scalar_t> p = conv_args<scalar_t>(x, weight, bias, prefix);
+      p.grad_out = pointer<const scalar_t>(grad_out), p.grad_x = pointer<scalar_t>(grad_x);
+      p.grad_prefix = grad_prefix ? pointer<scalar_t>(*grad_prefix) : nullptr;
+      p.grad_weight = pointer<scalar_t>(grad_weight), p.grad_bias = pointer<scalar_t>(grad_bias);
+      causal_conv_silu_backward_cpu(p, tasks);
+    });
+  }
+  return {grad_x, grad_weight.sum(0), bias ? OptionalTensor(grad_bias.sum(0)) : std::nullopt, grad_prefix};
+}
+#endif
 
 // cpu_math.h's exp or log1p ("exp" or "log1p") on a float32 CPU tensor, so the tests can measure its error.
 Tensor cpu_math_float32(const Tensor& x, const std::string& function) {
@@ -442,6 +530,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the order in which the emulator runs a block's threads from now on (see cuda/emulator/cuda_emulator.h)",
         py::arg("name"), py::arg("seed") = 0);
   m.def("schedules", &mj_emu::schedules, "the names set_schedule takes");
+#endif
+#ifndef MINIJAMBA_CUDA_EMULATED
+  m.def(
+      "scan_floor",
+      [](int64_t steps, int64_t d_state, int64_t tasks) {
+        TORCH_CHECK(steps >= 1 && d_state >= 1 && tasks >= 1, "steps, d_state and tasks must be >= 1");
+        return minijamba::selective_scan_floor_cpu(steps, d_state, tasks);
+      },
+      "the CPU twin's compute floor, run for timing (bench scan)", py::arg("steps"), py::arg("d_state"),
+      py::arg("tasks"));
+  m.def("conv_forward", &minijamba::conv_forward, "silu(causal depthwise conv) as (batch, dim, L)", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("prefix"));
+  m.def("conv_backward", &minijamba::conv_backward, "gradients of x, weight, bias, prefix", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("prefix"), py::arg("grad_out"));
 #endif
   m.def("cpu_math_float32", &minijamba::cpu_math_float32, "cpu_math.h's exp or log1p, elementwise (for their tests)",
         py::arg("x"), py::arg("function"));

@@ -81,12 +81,13 @@ inline float log1p_float(float y) {
 
 }  // namespace minijamba
 
-// A function marked MJ_VECTORIZE is compiled twice, for AVX2 (8 floats per instruction) and for any x86-64
-// (SSE2), and the copy the CPU has is chosen at load time; `flatten` inlines everything it calls into each copy,
-// so its inner loops vectorize at that width. Unlike -march=native, the binary stays portable. AVX2 without FMA:
-// both copies round every operation alike, so the twin gives the same bits on every x86-64 machine.
+// A function marked MJ_VECTORIZE is compiled twice, for x86-64-v3 (AVX2 with FMA: 8 floats per instruction, and a
+// multiply-add in one rounding) and for any x86-64 (SSE2), and the copy the CPU has is chosen at load time; `flatten`
+// inlines everything it calls into each copy, so its inner loops vectorize at that width. Unlike -march=native, the
+// binary stays portable. The two copies round differently (the FMA copy rounds a·b + c once, the other twice): on
+// one machine a run repeats bit for bit, across machines the twin agrees to float32 rounding, as the tests ask.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MJ_VECTORIZE __attribute__((target_clones("avx2", "default"), flatten))
+#define MJ_VECTORIZE __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
 #else
 #define MJ_VECTORIZE
 #endif

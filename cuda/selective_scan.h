@@ -16,6 +16,10 @@ void selective_scan_forward_cpu(const ScanArgs<T>& args);
 template <typename T>
 void selective_scan_backward_cpu(const ScanArgs<T>& args, int64_t n_tasks);
 
+// The float32 forward's compute floor: `tasks` tasks in parallel, each `steps` steps of d_state states of its
+// unskippable arithmetic; returns a checksum. The benchmark times it (bench/scan.py, compute_floor).
+float selective_scan_floor_cpu(int64_t steps, int64_t d_state, int64_t tasks);
+
 }  // namespace minijamba
 
 // MINIJAMBA_WITH_CUDA: a GPU build. MINIJAMBA_CUDA_EMULATED: the same kernels on the CPU through cuda/emulator/.

@@ -47,30 +47,15 @@ int64_t grain_size(const int64_t length, const int64_t d_state) {
   return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, length * d_state));
 }
 
-// Step 2: decays[k·N + n] = e^(dt[k] · A[n]) for k < steps.
-template <typename T>
-inline void decays_of(const T* dt, const T* A, T* __restrict decays, const int64_t steps, const int64_t N) {
-  for (int64_t k = 0; k < steps; ++k)
-    for (int64_t n = 0; n < N; ++n) decays[k * N + n] = exp_(dt[k] * A[n]);
-}
-
-// Step 3: states[(k+1)·N + n] = decays[k·N + n] · states[k·N + n] + drives[k·N + n]; states[0..N) is the start.
-template <typename T>
-inline void run_steps(const T* decays, const T* drives, T* states, const int64_t steps, const int64_t N) {
-  for (int64_t k = 0; k < steps; ++k) {
-    const T* __restrict before = states + k * N;
-    T* __restrict after = states + (k + 1) * N;
-    for (int64_t n = 0; n < N; ++n) after[n] = decays[k * N + n] * before[n] + drives[k * N + n];
-  }
-}
-
 // One (batch, channel) pair: its rows of u, delta, z, its A, B, C, D and delta_bias, so the loops read like maths.
+// B and C come step-major (binding.cpp's kernel_matrix): step t's N numbers at B + t·Bt, side by side, with Bt = N
+// (time-varying) or 0 (time-invariant: the same N numbers at every step).
 template <typename T>
 struct Channel {
   const T *u, *delta, *z, *A, *B, *C;
   T D, bias;
-  int64_t row, state;      // offsets of its (L,) rows in (batch, dim, L) and of its (N,) state in (batch, dim, N)
-  int64_t Bn, Bt, Cn, Ct;  // strides of B and C along n and t
+  int64_t row, state;  // offsets of its (L,) rows in (batch, dim, L) and of its (N,) state in (batch, dim, N)
+  int64_t Bt, Ct;      // strides of B and C along t
 
   Channel(const ScanArgs<T>& p, const int64_t b, const int64_t d)
       : u(p.u + (b * p.dim + d) * p.length),
@@ -83,37 +68,38 @@ struct Channel {
         bias(p.delta_bias ? p.delta_bias[d] : T(0)),
         row((b * p.dim + d) * p.length),
         state((b * p.dim + d) * p.d_state),
-        Bn(p.B_view.n_stride),
         Bt(p.B_view.t_stride),
-        Cn(p.C_view.n_stride),
         Ct(p.C_view.t_stride) {}
 };
 
-// One task's scratch for a chunk of steps t0 + k, k < chunk: dt[k], dt_u[k] = dt[k]·u, decays and drives
-// [k·N + n], the states tile [k·N + n] (the state before step k, k = 0..chunk) and the readout pre[k]; for the
-// backward, the tile grad_x [k·N + n], per step the gradients of the pre-gate output, of dt and of dt·u, and the
-// chunk's partial sums of grad_A [n].
+// One task's scratch for a chunk of steps t0 + k, k < chunk: dt[k], dt_u[k] = dt[k]·u, the decays [k·N + n], the
+// states tile [k·N + n] (the state before step k, k = 0..chunk), the readout pre[k] and one step's products C·x;
+// for the backward, the tile grad_x [k·N + n], per step the gradients of the pre-gate output, of dt and of dt·u, and
+// the chunk's partial sums over its steps of grad_A, and of grad_B and grad_C when those are time-invariant.
 template <typename T>
 struct Workspace {
-  std::vector<T> dt, dt_u, decays, drives, states, pre, grad_x, grad_pre, grad_dt, grad_dt_u, grad_A_chunk;
+  std::vector<T> dt, dt_u, decays, states, pre, products, grad_x, grad_pre, grad_dt, grad_dt_u, grad_A_chunk,
+      grad_B_chunk, grad_C_chunk;
   explicit Workspace(const ScanArgs<T>& p)
       : dt(p.chunk),
         dt_u(p.chunk),
         decays(p.chunk * p.d_state),
-        drives(p.chunk * p.d_state),
         states((p.chunk + 1) * p.d_state),
         pre(p.chunk),
+        products(p.d_state),
         grad_x(p.chunk * p.d_state),
         grad_pre(p.chunk),
         grad_dt(p.chunk),
         grad_dt_u(p.chunk),
-        grad_A_chunk(p.d_state) {}
+        grad_A_chunk(p.d_state),
+        grad_B_chunk(p.d_state),
+        grad_C_chunk(p.d_state) {}
 };
 
-// Steps 1-3 for steps t0..t1-1 of a channel; w.states[0..N) must hold the state before t0.
+// Step 1's per-step part for steps t0..t1-1: dt[k] = Δ (softplus(delta + bias) if asked) and dt_u[k] = Δ·u.
 template <typename T>
-void run_chunk(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, const int64_t t1, Workspace<T>& w) {
-  const int64_t N = p.d_state, steps = t1 - t0;
+void step_sizes(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, const int64_t t1, Workspace<T>& w) {
+  const int64_t steps = t1 - t0;
   const T *__restrict delta = ch.delta + t0, *__restrict u = ch.u + t0, bias = ch.bias;
   T *__restrict dt = w.dt.data(), *__restrict dt_u = w.dt_u.data();
   if (p.delta_softplus) {  // two loops, so that neither has a branch and both vectorize
@@ -122,40 +108,64 @@ void run_chunk(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, con
     for (int64_t k = 0; k < steps; ++k) dt[k] = step_size(delta[k], bias, false);
   }
   for (int64_t k = 0; k < steps; ++k) dt_u[k] = dt[k] * u[k];
-  for (int64_t n = 0; n < N; ++n) {  // B along t: contiguous (selective) or one value (time-invariant)
-    const T* B_n = ch.B + n * ch.Bn + t0 * ch.Bt;
-    if (ch.Bt == 1) {
-      for (int64_t k = 0; k < steps; ++k) w.drives[k * N + n] = w.dt_u[k] * B_n[k];
-    } else {
-      for (int64_t k = 0; k < steps; ++k) w.drives[k * N + n] = w.dt_u[k] * B_n[0];
-    }
-  }
-  decays_of(w.dt.data(), ch.A, w.decays.data(), steps, N);
-  run_steps(w.decays.data(), w.drives.data(), w.states.data(), steps, N);
 }
 
-// Step 4 without the gate: pre[k] = D·u + Σ_n C[n]·x_k[n], summed over n in order (vectorized over k).
+// The forward of steps t0..t1-1, steps 1-3 and the readout in one pass over k (nothing but the running state x is
+// stored), then the gate:
+//     x[n] = e^(dt_k·A[n]) · x[n] + dt_k·u_k · B_k[n],   y_k = (D·u_k + Σ_n C_k[n]·x[n]) · silu(z_k),
+// the loop over n vectorized, the sum over n in order n = 0, 1, ... .
+template <typename T>
+void forward_chunk(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, const int64_t t1, Workspace<T>& w,
+                   T* __restrict x) {
+  const int64_t N = p.d_state, steps = t1 - t0;
+  step_sizes(p, ch, t0, t1, w);
+  const T *__restrict A = ch.A, *__restrict u = ch.u + t0, *__restrict z = ch.z ? ch.z + t0 : nullptr;
+  T *__restrict products = w.products.data(), *__restrict y = p.y + ch.row + t0;
+  for (int64_t k = 0; k < steps; ++k) {
+    const T *__restrict B_k = ch.B + (t0 + k) * ch.Bt, *__restrict C_k = ch.C + (t0 + k) * ch.Ct;
+    const T dt = w.dt[k], dt_u = w.dt_u[k];
+    for (int64_t n = 0; n < N; ++n) {
+      x[n] = exp_(dt * A[n]) * x[n] + dt_u * B_k[n];
+      products[n] = C_k[n] * x[n];
+    }
+    T pre = ch.D * u[k];
+    for (int64_t n = 0; n < N; ++n) pre += products[n];
+    y[k] = pre;
+  }
+  if (z) {  // the gate in a loop of its own, which vectorizes (its silu costs as much as a step's N decays)
+    for (int64_t k = 0; k < steps; ++k) y[k] *= silu(z[k]);
+  }
+}
+
+// Steps 1-3 again for the backward, keeping what it needs: decays[k·N + n] = e^(dt_k·A[n]) and the states tile,
+// states[(k+1)·N + n] = decays[k·N + n] · states[k·N + n] + dt_k·u_k·B_k[n]; states[0..N) must hold the state
+// before t0. The same arithmetic as forward_chunk, so the recomputed states are the forward's, bit for bit.
+template <typename T>
+void recompute_chunk(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, const int64_t t1,
+                     Workspace<T>& w) {
+  const int64_t N = p.d_state, steps = t1 - t0;
+  step_sizes(p, ch, t0, t1, w);
+  const T* __restrict A = ch.A;
+  for (int64_t k = 0; k < steps; ++k) {
+    const T* __restrict B_k = ch.B + (t0 + k) * ch.Bt;
+    const T *__restrict before = w.states.data() + k * N, dt = w.dt[k], dt_u = w.dt_u[k];
+    T *__restrict after = w.states.data() + (k + 1) * N, *__restrict a = w.decays.data() + k * N;
+    for (int64_t n = 0; n < N; ++n) {
+      a[n] = exp_(dt * A[n]);
+      after[n] = a[n] * before[n] + dt_u * B_k[n];
+    }
+  }
+}
+
+// The readout without the gate, from the states tile: pre[k] = D·u_k + Σ_n C_k[n]·x_k[n], summed over n in order.
 template <typename T>
 void readout(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, const int64_t t1, Workspace<T>& w) {
   const int64_t N = p.d_state, steps = t1 - t0;
-  for (int64_t k = 0; k < steps; ++k) w.pre[k] = ch.D * ch.u[t0 + k];
-  for (int64_t n = 0; n < N; ++n) {
-    const T *C_n = ch.C + n * ch.Cn + t0 * ch.Ct, *x_n = w.states.data() + N + n;
-    if (ch.Ct == 1) {
-      for (int64_t k = 0; k < steps; ++k) w.pre[k] += C_n[k] * x_n[k * N];
-    } else {
-      for (int64_t k = 0; k < steps; ++k) w.pre[k] += C_n[0] * x_n[k * N];
-    }
-  }
-}
-
-// Step 4's gate: y[k] = pre[k] · silu(z[k]), or pre[k] without z.
-template <typename T>
-void gate(const T* __restrict z, const T* __restrict pre, T* __restrict y, const int64_t steps) {
-  if (z) {
-    for (int64_t k = 0; k < steps; ++k) y[k] = pre[k] * silu(z[k]);
-  } else {
-    std::copy_n(pre, steps, y);
+  for (int64_t k = 0; k < steps; ++k) {
+    const T *__restrict C_k = ch.C + (t0 + k) * ch.Ct, *__restrict x = w.states.data() + (k + 1) * N;
+    T pre = ch.D * ch.u[t0 + k];
+    for (int64_t n = 0; n < N; ++n) pre += C_k[n] * x[n];
+    w.pre[k] = pre;
   }
 }
 
@@ -163,15 +173,12 @@ template <typename T>
 void forward_channel(const ScanArgs<T>& p, const int64_t b, const int64_t d, Workspace<T>& w) {
   const Channel<T> ch(p, b, d);
   const int64_t N = p.d_state;
-  T* x = w.states.data();  // the running state: the tile's first row
+  T* x = w.states.data();  // the running state
   for (int64_t n = 0; n < N; ++n) x[n] = p.initial_state ? p.initial_state[ch.state + n] : T(0);
   for (int64_t c = 0; c < p.n_chunks; ++c) {
     const int64_t t0 = c * p.chunk, t1 = std::min(p.length, t0 + p.chunk);
     if (p.chunk_states) std::copy(x, x + N, p.chunk_states + ch.state * p.n_chunks + c * N);
-    run_chunk(p, ch, t0, t1, w);
-    readout(p, ch, t0, t1, w);
-    gate(ch.z ? ch.z + t0 : nullptr, w.pre.data(), p.y + ch.row + t0, t1 - t0);
-    std::copy_n(x + (t1 - t0) * N, N, x);  // the chunk's last state starts the next chunk
+    forward_chunk(p, ch, t0, t1, w, x);
   }
   std::copy(x, x + N, p.last_state + ch.state);
 }
@@ -193,13 +200,14 @@ void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64
   T grad_D = 0, grad_bias = 0;
   T *__restrict gx = w.grad_x.data(), *__restrict gp = w.grad_pre.data();
   T *__restrict gdt = w.grad_dt.data(), *__restrict gdt_u = w.grad_dt_u.data();
+  const T* __restrict A = ch.A;
 
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * p.chunk, t1 = std::min(p.length, t0 + p.chunk), steps = t1 - t0;
     const T *__restrict grad_y = p.grad_y + ch.row + t0, *__restrict u = ch.u + t0;
     const T *__restrict x_before = w.states.data(), *__restrict a = w.decays.data();
     std::copy_n(p.chunk_states + ch.state * p.n_chunks + c * N, N, w.states.data());
-    run_chunk(p, ch, t0, t1, w);  // recompute the chunk's states from the one the forward saved at its start
+    recompute_chunk(p, ch, t0, t1, w);  // the chunk's states, from the one the forward saved at its start
     if (ch.z) {  // gp: gradient of the pre-gate output C·x + D·u; and the gate's own gradient
       readout(p, ch, t0, t1, w);
       const T *__restrict z = ch.z + t0, *__restrict pre = w.pre.data();
@@ -213,43 +221,52 @@ void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64
     }
 
     // The reverse recurrence gx_k = gp_k·C_k + h, h = a_k·gx_k, from the chunk's last step to its first.
-    for (int64_t n = 0; n < N; ++n) {
-      const T* C_n = ch.C + n * ch.Cn + t0 * ch.Ct;
-      for (int64_t k = 0; k < steps; ++k) gx[k * N + n] = gp[k] * C_n[k * ch.Ct];
-    }
     for (int64_t k = steps - 1; k >= 0; --k) {
+      const T *__restrict C_k = ch.C + (t0 + k) * ch.Ct, *__restrict a_k = a + k * N, gp_k = gp[k];
       T* __restrict gx_k = gx + k * N;
-      const T* __restrict a_k = a + k * N;
       for (int64_t n = 0; n < N; ++n) {
-        gx_k[n] += h[n];
+        gx_k[n] = gp_k * C_k[n] + h[n];
         h[n] = a_k[n] * gx_k[n];
       }
     }
 
-    // C and B: grad_C[n, t] += gp_t·x_t[n], grad_B[n, t] += gx_t[n]·dt_t·u_t (time-invariant: the chunk's terms
+    // C and B: grad_C[t, n] += gp_t·x_t[n], grad_B[t, n] += gx_t[n]·dt_t·u_t (time-invariant: the chunk's terms
     // summed from its last step, then added to the total); dt·u: gdt_u[k] = Σ_n gx_k[n]·B_k[n], summed from n = 0.
-    std::fill_n(gdt_u, steps, T(0));
-    for (int64_t n = 0; n < N; ++n) {
-      T *grad_C_n = grad_C + n * ch.Cn + t0 * ch.Ct, *grad_B_n = grad_B + n * ch.Bn + t0 * ch.Bt;
-      const T *x_after = x_before + N + n, *gx_n = gx + n, *B_n = ch.B + n * ch.Bn + t0 * ch.Bt;
-      if (ch.Ct == 1) {
-        for (int64_t k = 0; k < steps; ++k) grad_C_n[k] += gp[k] * x_after[k * N];
-      } else {
-        T chunk_sum = 0;
-        for (int64_t k = steps - 1; k >= 0; --k) chunk_sum += gp[k] * x_after[k * N];
-        grad_C_n[0] += chunk_sum;
+    if (ch.Ct != 0) {
+      for (int64_t k = 0; k < steps; ++k) {
+        const T *__restrict x_after = x_before + (k + 1) * N, gp_k = gp[k];
+        T* __restrict grad_C_k = grad_C + (t0 + k) * ch.Ct;
+        for (int64_t n = 0; n < N; ++n) grad_C_k[n] += gp_k * x_after[n];
       }
-      if (ch.Bt == 1) {
-        for (int64_t k = 0; k < steps; ++k) {
-          grad_B_n[k] += gx_n[k * N] * w.dt_u[k];
-          gdt_u[k] += gx_n[k * N] * B_n[k];
-        }
-      } else {
-        T chunk_sum = 0;
-        for (int64_t k = steps - 1; k >= 0; --k) chunk_sum += gx_n[k * N] * w.dt_u[k];
-        grad_B_n[0] += chunk_sum;
-        for (int64_t k = 0; k < steps; ++k) gdt_u[k] += gx_n[k * N] * B_n[0];
+    } else {
+      T* __restrict chunk_C = w.grad_C_chunk.data();
+      std::fill_n(chunk_C, N, T(0));
+      for (int64_t k = steps - 1; k >= 0; --k) {
+        const T *__restrict x_after = x_before + (k + 1) * N, gp_k = gp[k];
+        for (int64_t n = 0; n < N; ++n) chunk_C[n] += gp_k * x_after[n];
       }
+      for (int64_t n = 0; n < N; ++n) grad_C[n] += chunk_C[n];
+    }
+    if (ch.Bt != 0) {
+      for (int64_t k = 0; k < steps; ++k) {
+        const T *__restrict gx_k = gx + k * N, dt_u = w.dt_u[k];
+        T* __restrict grad_B_k = grad_B + (t0 + k) * ch.Bt;
+        for (int64_t n = 0; n < N; ++n) grad_B_k[n] += gx_k[n] * dt_u;
+      }
+    } else {
+      T* __restrict chunk_B = w.grad_B_chunk.data();
+      std::fill_n(chunk_B, N, T(0));
+      for (int64_t k = steps - 1; k >= 0; --k) {
+        const T *__restrict gx_k = gx + k * N, dt_u = w.dt_u[k];
+        for (int64_t n = 0; n < N; ++n) chunk_B[n] += gx_k[n] * dt_u;
+      }
+      for (int64_t n = 0; n < N; ++n) grad_B[n] += chunk_B[n];
+    }
+    for (int64_t k = 0; k < steps; ++k) {
+      const T *__restrict gx_k = gx + k * N, *__restrict B_k = ch.B + (t0 + k) * ch.Bt;
+      T sum = 0;
+      for (int64_t n = 0; n < N; ++n) sum += gx_k[n] * B_k[n];
+      gdt_u[k] = sum;
     }
 
     // The exponent dt·A of a = e^(dt·A): its gradient gx·x_before·a overwrites gx; then A (the chunk's terms
@@ -260,9 +277,11 @@ void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64
     for (int64_t k = steps - 1; k >= 0; --k)
       for (int64_t n = 0; n < N; ++n) grad_A_chunk[n] += gx[k * N + n] * w.dt[k];
     for (int64_t n = 0; n < N; ++n) grad_A[n] += grad_A_chunk[n];
-    std::fill_n(gdt, steps, T(0));
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < steps; ++k) gdt[k] += gx[k * N + n] * ch.A[n];
+    for (int64_t k = 0; k < steps; ++k) {
+      T sum = 0;
+      for (int64_t n = 0; n < N; ++n) sum += gx[k * N + n] * A[n];
+      gdt[k] = sum;
+    }
 
     // u and delta (through dt = softplus(delta + bias)); D and delta_bias: the chunk's terms summed from its last
     // step, then added to the totals.
@@ -294,6 +313,30 @@ MJ_VECTORIZE void backward_channel_f32(const ScanArgs<float>& p, const SharedGra
                                        Workspace<float>& w, float* h) {
   backward_channel(p, g, b, d, w, h);
 }
+
+// The forward's compute floor (bench scan): per (step, state) only the arithmetic no forward can skip, the decay
+// e^(dt·A) and two multiply-adds (the state x = a·x + dt·u·B, the readout's C·x), on a tile that stays in L1, at the
+// forward's vector width. Returns a sum of the states, so that none of it can be optimized away.
+template <typename T>
+T floor_task(const int64_t steps, const int64_t N) {
+  std::vector<T> A(N), x(N, T(0)), readout(N, T(0)), tile(kCpuChunk * N), dt(kCpuChunk);
+  for (int64_t n = 0; n < N; ++n) A[n] = -T(n + 1);
+  for (int64_t k = 0; k < kCpuChunk; ++k) dt[k] = T(0.01) * T(k + 1);
+  for (int64_t i = 0; i < kCpuChunk * N; ++i) tile[i] = T(0.5) + T(i % 7);
+  for (int64_t k = 0; k < steps; ++k) {
+    const T *__restrict row = tile.data() + (k % kCpuChunk) * N, d = dt[k % kCpuChunk];
+    T *__restrict state = x.data(), *__restrict y = readout.data();
+    for (int64_t n = 0; n < N; ++n) {
+      state[n] = exp_(d * A[n]) * state[n] + d * row[n];
+      y[n] += row[n] * state[n];
+    }
+  }
+  T sum = 0;
+  for (int64_t n = 0; n < N; ++n) sum += x[n] + readout[n];
+  return sum;
+}
+
+MJ_VECTORIZE float floor_task_f32(int64_t steps, int64_t N) { return floor_task<float>(steps, N); }
 
 }  // namespace
 
@@ -333,6 +376,16 @@ void selective_scan_backward_cpu(const ScanArgs<T>& p, const int64_t n_tasks) {
       }
     }
   });
+}
+
+float selective_scan_floor_cpu(const int64_t steps, const int64_t d_state, const int64_t tasks) {
+  std::vector<float> sums(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) sums[k] = floor_task_f32(steps, d_state);
+  });
+  float total = 0;
+  for (const float v : sums) total += v;
+  return total;
 }
 
 template void selective_scan_forward_cpu<float>(const ScanArgs<float>&);

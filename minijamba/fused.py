@@ -6,6 +6,7 @@ so a fast scan keeps each channel's N states on chip while the sequence streams 
     cuda/scan_op.h              the combine and the per-step maths, shared by both kernels
     cuda/selective_scan_cpu.cpp the CPU twin: one task per (batch, channel), at::parallel_for over them
     cuda/selective_scan.cu      the CUDA kernels: one thread block per (batch, channel), block-wide scans
+    cuda/causal_conv_cpu.cpp    the Mamba block's conv + SiLU, forward and backward, on the CPU
     cuda/binding.cpp            the torch entry points, which check every argument (RuntimeError, named)
 Both backward passes recompute the states chunk by chunk from the states the forward saved at chunk starts,
 so training memory is O(L / chunk · N) per channel on top of the inputs and outputs.
@@ -37,6 +38,7 @@ __all__ = [
     "load_emulated_variant",
     "kernel_constants",
     "fused_selective_scan",
+    "fused_causal_conv_silu",
     "cuda_arch_list",
     "cuda_build_name",
     "nvcc_arch_flags",
@@ -46,8 +48,8 @@ CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
 # CUDA's execution model on the CPU (cuda/emulator/cuda_emulator.h): the scheduler, and the finder of __shared__
 EMULATOR_SOURCES = ["emulator/cuda_emulator.cpp", "emulator/shared_memory.cpp"]
 CUDA_SOURCES = {
-    "cpu": ["binding.cpp", "selective_scan_cpu.cpp"],
-    "cuda": ["binding.cpp", "selective_scan_cpu.cpp", "selective_scan.cu"],
+    "cpu": ["binding.cpp", "selective_scan_cpu.cpp", "causal_conv_cpu.cpp"],
+    "cuda": ["binding.cpp", "selective_scan_cpu.cpp", "causal_conv_cpu.cpp", "selective_scan.cu"],
     # selective_scan.cu itself, compiled as host C++ under the execution model of cuda/emulator/
     "cuda-emulated": ["binding.cpp", *EMULATOR_SOURCES, "emulator/selective_scan_emulated.cpp"],
 }
@@ -295,3 +297,35 @@ def fused_selective_scan(kind, u, delta, A, B, C, D, z, delta_bias, delta_softpl
     tensors = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return _FusedScan.apply(extension, bool(delta_softplus), save, *tensors)
+
+
+class _FusedConv(torch.autograd.Function):
+    """silu(causal depthwise conv); backward through the kernel's own backward, which recomputes the conv."""
+
+    @staticmethod
+    def forward(ctx, extension, x, weight, bias, prefix):
+        ctx.extension = extension
+        ctx.save_for_backward(x, weight, bias, prefix)
+        return extension.conv_forward(x, weight, bias, prefix)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, prefix = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias, grad_prefix = ctx.extension.conv_backward(
+            x, weight, bias, prefix, grad_out.contiguous()
+        )
+        return None, grad_x, grad_weight, grad_bias, grad_prefix
+
+
+def fused_causal_conv_silu(x, weight, bias, prefix):
+    """The Mamba block's silu(conv1d) on the CPU kernel (cuda/causal_conv_cpu.cpp): (batch, dim, L), contiguous.
+
+    x: (batch, L, dim), channels-last (in_proj's output, sliced: unit stride along dim, any other strides);
+    weight: (dim, d_conv); bias: (dim,) or None; prefix: (batch, dim, d_conv - 1), the inputs before x (the cache's
+    window), or None for zeros. The same numbers as mamba.depthwise_causal_conv on the window [prefix, x] followed by
+    F.silu, to rounding; tests/test_mamba.py compares the two, forward and gradients, in float64.
+    """
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    tensors = [None if t is None else t.contiguous() for t in (weight, bias, prefix)]
+    return _FusedConv.apply(load("cpu"), x, *tensors)

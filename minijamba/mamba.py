@@ -64,6 +64,7 @@ from .checks import positive_int, positive_real
 from .lm import CausalLM
 from .norm import RMSNorm
 from .s6 import SelectiveSSM, auto_dt_rank
+from .scan import resolve_impl
 
 __all__ = [
     "MambaConfig",
@@ -340,18 +341,36 @@ class MambaMixer(nn.Module):
         """
         conv_state, ssm_state = self.empty_state(hidden.shape[0]) if state is None else state
         L = hidden.shape[1]
-        u, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
+        u, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, L, d_inner) each, views of in_proj's output
         if attention_mask is not None:
-            pad = ~attention_mask[:, None, -L:]  # (batch, 1, L)
+            pad = ~attention_mask[:, -L:, None]  # (batch, L, 1)
             u = u.masked_fill(pad, 0.0)  # a pad enters the conv window as the zero a fresh sequence starts from
-        window = torch.cat([conv_state[:, :, 1:], u], dim=-1)  # (batch, d_inner, d_conv - 1 + L)
-        u = F.silu(depthwise_causal_conv(window, self.conv1d.weight, self.conv1d.bias))  # (batch, d_inner, L)
-        if attention_mask is not None:
-            u = u.masked_fill(pad, 0.0)  # the conv's bias made the pads nonzero: zero them, the scan writes nothing
-        y, ssm_state = self.ssm(u, initial_state=ssm_state, return_last_state=True)  # (batch, d_inner, L)
-        out = self.out_proj((y * F.silu(z)).transpose(1, 2))  # (batch, L, d_model)
-        # A copy, not a view: a view would keep the whole (d_conv - 1 + L)-wide window alive in the cache.
-        return out, (window[:, :, -self.d_conv :].clone(), ssm_state)  # (batch, d_inner, d_conv)
+        prefix = conv_state[:, :, 1:]  # (batch, d_inner, d_conv - 1): the inputs before this call's first
+        if self.uses_fused_conv(u):  # the same numbers in one C++ pass (cuda/causal_conv_cpu.cpp)
+            from . import fused  # only here: it brings in torch's extension builder
+
+            weight = self.conv1d.weight[:, 0]  # (d_inner, d_conv)
+            u_conv = fused.fused_causal_conv_silu(u, weight, self.conv1d.bias, prefix)  # (batch, d_inner, L)
+        else:
+            window = torch.cat([prefix, u.transpose(1, 2)], dim=-1)  # (batch, d_inner, d_conv - 1 + L)
+            u_conv = F.silu(depthwise_causal_conv(window, self.conv1d.weight, self.conv1d.bias))  # (batch, d_inner, L)
+        if attention_mask is not None:  # the conv's bias made the pads nonzero: zero them, the scan writes nothing
+            u_conv = u_conv.masked_fill(pad.transpose(1, 2), 0.0)
+        # The gate y · silu(z) is applied inside the scan, as the official kernel does (one pass fewer over y).
+        y, ssm_state = self.ssm(u_conv, z=z.transpose(1, 2), initial_state=ssm_state, return_last_state=True)
+        out = self.out_proj(y.transpose(1, 2))  # (batch, L, d_model)
+        # The window's last d_conv inputs, a fresh tensor (cat copies): no view keeps the whole sequence alive.
+        kept = self.d_conv - min(L, self.d_conv)  # of the cached inputs, those still in the window
+        news = u[:, L - (self.d_conv - kept) :].transpose(1, 2)  # (batch, d_inner, d_conv - kept)
+        conv_state = torch.cat([prefix[:, :, prefix.shape[-1] - kept :], news], dim=-1)
+        return out, (conv_state, ssm_state)  # (batch, d_inner, d_conv), (batch, d_inner, N)
+
+    def uses_fused_conv(self, u):
+        """Whether forward runs conv + SiLU on the C++ kernel: where the scan runs on the CPU twin (scan_impl "cpu",
+        or "auto" on the CPU when it builds) and u is float32 or float64; otherwise depthwise_causal_conv in torch."""
+        if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64):
+            return False
+        return resolve_impl(self.ssm.scan_impl, u) == "cpu"
 
     def step(self, hidden_t, state):
         """One token in O(1): hidden_t (batch, d_model), state -> (out (batch, d_model), new state)."""

@@ -29,8 +29,8 @@ Glossary, in the README's notation (code name — meaning; the Mamba paper's let
     dt_norm, B_norm, C_norm — Jamba's norms on Δ's rank-R input, B and C (`inner_norm`; not in the Mamba paper)
 
 Where this differs from the official `mamba_simple.py` (state-spaces/mamba), and why:
-  - It is only the SSM: no in_proj, conv1d, SiLU, z gate or out_proj. Those make the Mamba block (lesson 04);
-    keeping them out lets the lessons put S6 next to S4D alone.
+  - It is only the SSM: no in_proj, conv1d, SiLU or out_proj. Those make the Mamba block (lesson 04), which passes
+    its gate z in (`forward(u, z=...)`); keeping them out lets the lessons put S6 next to S4D alone.
   - dt_rank is an int, 1 by default (the paper's R = 1, §3.2), and has no "auto": Mamba's "auto" is
     ceil(d_model / 16), and this layer never sees d_model. `auto_dt_rank` is that rule, the one meaning of "auto"
     in this package: MambaConfig and JambaConfig apply it and pass the layer an int.
@@ -177,14 +177,16 @@ class SelectiveSSM(nn.Module):
             return softplus(self.dt_bias)[None, :, None].expand(u.shape[0], -1, u.shape[2]), B, C
         return softplus(dt + self.delta_bias[:, None]), B, C
 
-    def forward(self, u, initial_state=None, return_last_state=False):
+    def forward(self, u, initial_state=None, return_last_state=False, z=None):
         """u: (batch, d_inner, L) -> y (batch, d_inner, L), and the last state (batch, d_inner, N) if asked.
 
         Start from initial_state (batch, d_inner, N) to continue a sequence: forward on [u1, u2] equals forward
         on u1, then on u2 from u1's last state. As the official code does, Δ's bias and softplus are passed to
-        the scan rather than applied here.
+        the scan rather than applied here, and so is a Mamba block's gate z (batch, d_inner, L): y · silu(z).
         """
         self._check_input("u", u, 3)
+        if z is not None and (not isinstance(z, torch.Tensor) or z.shape != u.shape):
+            raise ValueError(f"z must be None or a tensor of u's shape {tuple(u.shape)}, got {getattr(z, 'shape', z)}")
         dt, B, C = self._projections(u)
         A = -torch.exp(self.A_log)  # (d_inner, N)
         return selective_scan(
@@ -194,6 +196,7 @@ class SelectiveSSM(nn.Module):
             B,
             C,
             D=self.D,
+            z=z,
             delta_bias=self.delta_bias,
             delta_softplus=True,
             return_last_state=return_last_state,

@@ -52,7 +52,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .reference import check_selective_scan_shapes
 
-__all__ = ["selective_scan", "IMPLS", "FUSED_IMPLS", "FUSED_DEVICES", "IMPL_CHOICES", "DEFAULT_CHUNK"]
+__all__ = ["selective_scan", "resolve_impl", "IMPLS", "FUSED_IMPLS", "FUSED_DEVICES", "IMPL_CHOICES", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 64
 
@@ -159,6 +159,11 @@ SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # hold A's and D's small learned updates), u's dtype otherwise. The sequences delta, z, B, C have u's dtype.
 _STATE_ARGUMENTS = ("A", "D", "delta_bias", "initial_state")
 _warned = set()  # the kinds whose failed build "auto" has already warned about
+
+
+def resolve_impl(impl, u):
+    """The implementation that runs for `impl` on u: "auto" resolved as selective_scan resolves it, any other as is."""
+    return _auto_impl(u) if impl == "auto" else impl
 
 
 def _auto_impl(u):

@@ -97,6 +97,7 @@ __all__ = [
     "TrainingInterrupted",
     "compute_loss",
     "lr_at",
+    "progress_line",
     "train",
     "read_log",
     "main",
@@ -141,6 +142,21 @@ def lr_at(cfg, step, elapsed):
     or by the clock of max_minutes, whichever is further along."""
     budget = None if cfg.max_minutes is None else 60 * cfg.max_minutes
     return cfg.lr * warmup_cosine(step, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio, elapsed, budget)
+
+
+def progress_line(cfg, step, elapsed, steps_per_s):
+    """(fraction of the run done, the progress bar's text) after `step` steps and `elapsed` seconds at steps_per_s.
+
+    A run ends at max_steps or when the clock reaches max_minutes, whichever comes first, and the schedule follows
+    the one further along (lr_at): so is the bar. With a budget it shows the minutes used and left and the steps the
+    run will reach at the current speed, not a max_steps it may never get to."""
+    if cfg.max_minutes is None:
+        return step / cfg.max_steps, f"step {step}/{cfg.max_steps}"
+    budget = 60 * cfg.max_minutes
+    left = max(0.0, min(budget - elapsed, (cfg.max_steps - step) / steps_per_s if steps_per_s > 0 else budget))
+    expected = min(cfg.max_steps, step + round(left * steps_per_s))
+    fraction = max(step / cfg.max_steps, elapsed / budget)
+    return min(1.0, fraction), f"{elapsed / 60:.1f} min, {left / 60:.1f} left, step {step} of ~{expected}"
 
 
 def read_log(path):
@@ -530,17 +546,20 @@ def train_loop(run, progress, stop):
     clock_start = time.perf_counter() - progress.elapsed  # the clock continues a resumed run's
     session_start, session_step = time.perf_counter(), progress.step
     losses, metrics = [], {}
-    bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=run.proc.rank != 0, dynamic_ncols=True,
-               desc=cfg.model)  # fmt: skip
+    bar = tqdm(total=1000, disable=run.proc.rank != 0, dynamic_ncols=True, desc=cfg.model,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")  # fmt: skip
     run.forward.train()
     while not _finished(cfg, progress):
         ce, lr = train_step(run, progress)
         progress.step += 1
         progress.elapsed = time.perf_counter() - clock_start
         losses.append(ce)
-        tok_s = (progress.step - session_step) * run.tokens_per_step / (time.perf_counter() - session_start)
-        bar.update(1)
-        bar.set_postfix(loss=f"{ce:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        steps_per_s = (progress.step - session_step) / (time.perf_counter() - session_start)
+        done, text = progress_line(cfg, progress.step, progress.elapsed, steps_per_s)
+        bar.n = round(1000 * done)
+        tok_s = steps_per_s * run.tokens_per_step
+        bar.set_postfix_str(f"{text}, loss {ce:.3f}, lr {lr:.2e}, {tok_s:,.0f} tok/s", refresh=False)
+        bar.update(0)
         if progress.step % cfg.log_every == 0:
             row = {"step": progress.step, "loss": sum(losses) / len(losses), "lr": lr, "elapsed_s": progress.elapsed}
             _log(run, row)

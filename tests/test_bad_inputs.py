@@ -290,6 +290,8 @@ def test_auto_on_meta_tensors_scans_in_torch(requires_grad):
         (["scan", "--max-gb", "nan"], "--max-gb"),
         (["decode", "--chunk", "-1"], "--chunk"),
         (["sass", "--items", "0"], "--items"),
+        (["step", "--steps", "0"], "--steps"),
+        (["step", "--context", "-1"], "--context"),
     ],
 )
 def test_bench_flags_refuse_bad_values_in_one_line(capsys, argv, flag):
@@ -306,3 +308,33 @@ def test_bench_threads_zero_means_torch_default():
     decode.add_arguments(parser)
     assert parser.parse_args(["--threads", "0", "--lengths", "8,4"]).threads == 0
     assert parser.parse_args(["--lengths", "8,4"]).lengths == [8, 4]
+
+
+def conv_args(batch=2, L=5, dim=3, K=4, dtype=torch.float32):
+    shapes = ((batch, L, dim), (dim, K), (dim,), (batch, dim, K - 1))  # x, weight, bias, prefix
+    return tuple(torch.randn(shape, dtype=dtype) for shape in shapes)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x, w, b, p: (x[0], w, b, p), r"x must have shape \(batch, L, dim\)"),
+        (lambda x, w, b, p: (x.int(), w, b, p), "x must be float32 or float64"),
+        (lambda x, w, b, p: (x.transpose(1, 2).contiguous().transpose(1, 2), w, b, p), "x must have unit stride"),
+        (lambda x, w, b, p: (x, w.double(), b, p), "weight must have x's dtype"),
+        (lambda x, w, b, p: (x, w[:2], b, p), r"weight must have shape \(dim=3, d_conv >= 1\)"),
+        (lambda x, w, b, p: (x, w.t().contiguous().t(), b, p), "weight must be contiguous"),
+        (lambda x, w, b, p: (x, w, b[:2], p), "bias must have shape"),
+        (lambda x, w, b, p: (x, w, b, p[:, :, :2].contiguous()), "prefix must have shape"),
+    ],
+)
+def test_fused_conv_refuses_bad_tensors_by_name(change, message):
+    """The conv kernel's binding checks what its loops trust: a RuntimeError naming the argument, never a crash."""
+    from minijamba import fused
+
+    extension = fused.load("cpu")
+    with pytest.raises(RuntimeError, match=message):
+        extension.conv_forward(*change(*conv_args()))
+    x, w, b, p = conv_args()
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape"):
+        extension.conv_backward(x, w, b, p, torch.zeros(2, 5, 3))

@@ -30,6 +30,27 @@ def test_decode_benchmark_prints_its_table(capsys):
     assert "goal <= 1.10" in out
 
 
+def test_step_benchmark_prints_its_table_and_breakdown(capsys):
+    result = main(["step", "--preset", "tiny", "--steps", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    for model in ("transformer", "jamba", "mamba"):
+        assert re.search(rf"^ *{model} \|.*\| +\d+ \| +\d+ \| \d\.\d\d$", out, re.M), out
+    for category in ("scan forward", "scan backward", "matrix products", "optimizer (clip + AdamW)"):
+        assert category in out
+    jamba = result["breakdown"]["jamba"]
+    assert jamba["scan forward"] > 0 and jamba["scan backward"] > 0  # the fused scan ran, and was found
+    assert result["breakdown"]["transformer"]["scan forward"] == 0
+
+
+def test_step_categories_match_op_names():
+    from minijamba.bench.step import OTHER, category_of
+
+    assert category_of("aten::mm") == "matrix products"
+    assert category_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert category_of("_FusedScanBackward") == "scan backward"
+    assert category_of("aten::mul") == OTHER
+
+
 def test_decode_layouts_have_equal_size():
     """The three layouts differ in their mixers, not in their parameter count (within 0.5%)."""
     from minijamba.bench.decode import LAYOUTS, layout_config

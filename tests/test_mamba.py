@@ -131,6 +131,86 @@ def test_chunked_prefill_matches_forward(d_model, d_state, d_conv, inner_norms, 
     assert_close(cache.states[-1][0], whole.states[-1][0], "mamba_step_float64", "last conv_state")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The fused CPU path (scan_impl "cpu": conv + SiLU and the gated scan in C++) == the readable torch block
+# ---------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=batch, L=st.integers(1, 40), dim=st.integers(1, 12), d_conv=d_conv, bias=st.booleans(),
+    prefix=st.booleans(), seed=seeds,
+)  # fmt: skip
+def test_fused_conv_matches_depthwise_causal_conv(batch, L, dim, d_conv, bias, prefix, seed):
+    """silu(conv) on the C++ kernel == F.silu(depthwise_causal_conv) on the window [prefix, x], float64, forward and
+    the gradients of x (read channels-last from a wider tensor, as from in_proj), weight, bias and prefix."""
+    from minijamba import fused
+
+    g = torch.Generator().manual_seed(seed)
+    xz = torch.randn(batch, L, 2 * dim, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(dim, 1, d_conv, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(dim, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    p = torch.randn(batch, dim, d_conv - 1, generator=g, dtype=torch.float64, requires_grad=True) if prefix else None
+    with torch.enable_grad():
+        x = xz[..., :dim]  # (batch, L, dim), the stride of a (batch, L, 2·dim) tensor
+        out = fused.fused_causal_conv_silu(x, weight[:, 0], b, p)  # (batch, dim, L)
+        window = torch.cat([p if prefix else x.new_zeros(batch, dim, d_conv - 1), x.transpose(1, 2)], dim=-1)
+        expected = torch.nn.functional.silu(depthwise_causal_conv(window, weight, b))
+        assert_close(out, expected, "scan_float64", "conv forward")
+        grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        leaves = [t for t in (xz, weight, b, p) if t is not None]
+        for name, got, want in zip(
+            ("x", "weight", "bias", "prefix"),
+            torch.autograd.grad(out, leaves, grad_out),
+            torch.autograd.grad(expected, leaves, grad_out),
+            strict=False,
+        ):
+            assert_close(got, want, "scan_float64", f"conv grad {name}")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@settings(max_examples=10, deadline=None)
+@given(d_model=st.integers(2, 16), d_state=d_state, d_conv=d_conv, inner_norms=inner_norms, batch=batch,
+       L=st.integers(1, 80), seed=seeds, data=st.data())  # fmt: skip
+def test_fused_block_matches_readable_block(masked, d_model, d_state, d_conv, inner_norms, batch, L, seed, data):
+    """A MambaLM on the fused CPU path (conv + SiLU and the gated scan in C++) == the same weights on the readable torch
+    path (depthwise_causal_conv, the chunked scan), float64: logits, the cache after a prompt split in two (so the
+    conv continues from a cached window), left padding, and the gradient of every parameter."""
+    k = data.draw(st.integers(0, L), label="k")
+    config = dict(d_model=d_model, d_state=d_state, d_conv=d_conv, inner_norms=inner_norms, vocab_size=9)
+    readable = make_model(seed, **config)
+    fast = MambaLM(MambaConfig(**config, scan_impl="cpu")).to(torch.float64)
+    fast.load_state_dict(readable.state_dict())
+    assert fast.layers[0].mixer.uses_fused_conv(torch.zeros(1, dtype=torch.float64))
+    assert not readable.layers[0].mixer.uses_fused_conv(torch.zeros(1, dtype=torch.float64))
+    ids = tokens(batch, L, 9, seed)
+    mask = None
+    if masked:  # left padding: row i starts with i pads
+        mask = torch.arange(L)[None, :] >= torch.arange(batch)[:, None].clamp(max=L - 1)
+    with torch.enable_grad():
+        logits = {}
+        for name, model in (("readable", readable), ("fused", fast)):
+            model.zero_grad()
+            out = model(ids, attention_mask=mask).logits  # (batch, L, vocab)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+            logits[name] = out.detach()
+    assert_close(logits["fused"], logits["readable"], "mamba_step_float64", "logits")
+    for (name, p_fast), p_readable in zip(fast.named_parameters(), readable.parameters(), strict=True):
+        assert_close(p_fast.grad, p_readable.grad, "mamba_step_float64", f"grad {name}")
+    caches = {}
+    for name, model in (("readable", readable), ("fused", fast)):
+        cache = model.new_cache(batch)
+        parts = [model(ids[:, :k], cache).logits] if k else []
+        if k < L:
+            parts.append(model(ids[:, k:], cache).logits)
+        caches[name] = (torch.cat(parts, dim=1), cache)
+    assert_close(caches["fused"][0], caches["readable"][0], "mamba_step_float64", f"prefill split at {k}: logits")
+    states = zip(caches["fused"][1].states, caches["readable"][1].states, strict=True)
+    for i, (fused_state, readable_state) in enumerate(states):
+        assert_close(fused_state[0], readable_state[0], "mamba_step_float64", f"layer {i} conv_state")
+        assert_close(fused_state[1], readable_state[1], "mamba_step_float64", f"layer {i} ssm_state")
+
+
 def held_bytes(cache):
     """Bytes of the storage behind the cache's tensors: more than cache.nbytes if one is a view into a bigger tensor."""
     return sum(t.untyped_storage().nbytes() for t in (t for state in cache.states for t in state))

@@ -230,3 +230,15 @@ def test_sample_reads_a_run_without_importing_the_training_loop():
     done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_progress_line_of_a_budgeted_run_tells_time_and_expected_steps():
+    """A 17-minute run at 4 steps/s shows minutes used and left and the steps it will reach, not max_steps."""
+    cfg = train_module.TrainConfig.from_preset("jamba", "cpu20")  # max_steps 4000, max_minutes 17
+    done, text = train_module.progress_line(cfg, step=1000, elapsed=5 * 60, steps_per_s=1.0)
+    assert text == "5.0 min, 12.0 left, step 1000 of ~1720"
+    assert done == pytest.approx(5 / 17)  # the clock leads: 1000 / 4000 is less
+    done, text = train_module.progress_line(cfg, step=3900, elapsed=5 * 60, steps_per_s=100.0)
+    assert text == "5.0 min, 0.0 left, step 3900 of ~4000" and done == pytest.approx(3900 / 4000)
+    steps_only = train_module.TrainConfig.from_preset("jamba", "tiny")
+    assert train_module.progress_line(steps_only, 5, 1.0, 2.0) == (5 / 20, "step 5/20")

@@ -9,6 +9,12 @@ kernel ("cuda"). A CUDA row also reports its forward against the bandwidth floor
 memory-bound): the bytes that must move, u, delta, z, B, C in and y out, divided by the device's measured
 copy bandwidth, as a percentage of the measured forward time.
 
+The CPU twin's rows are put against its compute floor (`compute_floor`): the decays e^(dt·A) and the two
+multiply-adds per (step, state) that no forward can skip, timed on data that stays in L1 at the twin's own vector
+width and thread count (cuda/selective_scan_cpu.cpp, floor_task), times the shape's batch · dim · L · N updates.
+A summary then gives the twin's forward as a multiple of that floor, its backward as a multiple of its forward,
+and the torch scans' times as multiples of the twin's.
+
 Lesson 07 uses the pieces: `inputs` (the benchmark's scan inputs), `scan_call` and `time_impls` (interleaved
 best-of-rounds timings, for ratios on a shared machine), `floor_bytes` and `unfused_bytes` (the bytes a fused and
 a tensor-op scan move), `copy_bandwidth` (of the CPU or the GPU).
@@ -140,6 +146,18 @@ def copy_bandwidth(device="cuda", mib=1024):
     return 2 * src.numel() * 4 / seconds
 
 
+def compute_floor(N, updates_per_thread=2**24):
+    """Seconds per (step, state) update of the CPU twin's unskippable forward arithmetic, on all of torch's threads
+    at once: e^(dt·A) and two multiply-adds each, in L1 (see the module docstring). A shape's floor is its
+    batch · dim · L · N updates times this."""
+    from ..fused import load
+
+    extension, threads = load("cpu"), torch.get_num_threads()
+    steps = max(1, updates_per_thread // N)
+    seconds = best_time(lambda: extension.scan_floor(steps, N, threads), repeats=3)
+    return seconds / (steps * N * threads)
+
+
 def floor_bytes(batch, dim, N, L):
     """Bytes a fused forward must move: u, delta, z (batch, dim, L) and B, C (batch, N, L) in, y out, fp32."""
     return 4 * (4 * batch * dim * L + 2 * batch * N * L)
@@ -194,9 +212,31 @@ def run(args):
                 line += f" | bandwidth floor {floor_ms:.3f} ms = {floor_ms / f_ms:.0%} of fwd"
             print(line, flush=True)
     print("nan: skipped, predicted to need more than --max-gb of memory or --max-seconds per run")
+    if "cpu" in impls:
+        _print_twin_summary(results, impls, lengths, args)
     if not args.no_figure:
         print(f"wrote {_plot(results, impls, lengths, args)}")
     return results
+
+
+def _print_twin_summary(results, impls, lengths, args):
+    """The CPU twin against its compute floor, its backward against its forward, the torch scans against it."""
+    per_update = compute_floor(args.d_state)
+    threads = torch.get_num_threads()
+    print(f"\nCPU twin's compute floor: {per_update * 1e9 * threads:.2f} ns per (step, state) update per thread "
+          f"({threads} threads): e^(dt·A) and two multiply-adds, in L1")  # fmt: skip
+    others = [i for i in impls if i in IMPLS]
+    header = f"{'L':>6} | {'floor ms':>8} | {'fwd/floor':>9} | {'bwd/fwd':>7}" + "".join(
+        f" | {i + ' fwd/cpu':>16}" for i in others
+    )
+    print(header)
+    for L in lengths:
+        (f_ms, _), (fb_ms, _) = results["cpu", L]
+        floor_ms = per_update * args.batch * args.dim * L * args.d_state * 1e3
+        line = f"{L:>6} | {floor_ms:8.1f} | {f_ms / floor_ms:9.2f} | {(fb_ms - f_ms) / f_ms:7.2f}"
+        line += "".join(f" | {results[i, L][0][0] / f_ms:16.1f}" for i in others)
+        print(line)
+    print("bwd = fwd+bwd - fwd. Goals (issue 17): fwd/floor <= 2, bwd/fwd <= 2, chunked fwd/cpu >= 30")
 
 
 def _plot(results, impls, lengths, args):
