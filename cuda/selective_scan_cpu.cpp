@@ -4,21 +4,23 @@
 // memory. Here one task owns a (batch, channel) pair and streams its sequence through once, reading u, delta
 // and z along L and writing y; tasks run in parallel over batch · dim with at::parallel_for. A core has no
 // block of threads to spend on a parallel scan, so each task runs the recurrence in order (work L · N, the
-// least there is), a chunk of `chunk` = 64 steps at a time:
-//   1. the chunk's step sizes dt_k and drives b_k[n] = dt_k · B_k[n] · u_k,
-//   2. its decays a_k[n] = e^(dt_k · A[n]), in one vectorized loop (cpu_math.h): almost all of the arithmetic,
-//   3. the states x_k[n] = a_k[n] · x_{k-1}[n] + b_k[n], vectorized over n,
-//   4. the readout y_k = Σ_n C_k[n] · x_k[n] + D · u_k, then the gate silu(z_k).
-// The chunk's states live in a (chunk + 1) × N tile (4 KB at N = 16) that stays in L1: the state of the whole
-// sequence is never stored. Sums over n run in the order n = 0, 1, ..., as the reference's do.
+// least there is), a chunk of `chunk` = 64 steps at a time: first the chunk's step sizes dt_k = softplus(delta_k +
+// bias) and dt_k·u_k (loops along k, which vectorize), then for each step k, in one loop over n that vectorizes,
+//     x[n] = e^(dt_k · A[n]) · x[n] + dt_k · u_k · B_k[n]     (the decay: almost all of the arithmetic, cpu_math.h)
+// and the readout y_k = D · u_k + Σ_n C_k[n] · x[n], then the gate y_k · silu(z_k) in a loop of its own. B and C are
+// read step-major, B_k[n] = B[b, t, n] (binding.cpp transposes them so), so that a step's N numbers are side by
+// side. Only the running state x is kept: the state of the whole sequence is never stored. The sums over n are
+// `dot`s: eight running sums added pairwise, a fixed order (a run repeats bit for bit) that vectorizes, where the
+// reference's n = 0, 1, ... is a chain of scalar additions that cost as much as the decays.
 //
 // The backward recomputes instead of storing: the forward saves the state at every chunk start
 // (O(L / chunk · N) per channel), and the backward walks the chunks from last to first, recomputes one chunk's
-// tile from its saved start (steps 1-3 again), and runs the reverse recurrence of the gradient through it,
+// tile of states ((chunk + 1) × N, 4 KB at N = 16: it stays in L1) from its saved start, and runs the reverse
+// recurrence of the gradient through it,
 //     gx_k = gp_k · C_k + h_{k+1},   h_k = a_k · gx_k        (h_k: gradient with respect to the state x_{k-1}),
 // where gp_k is the gradient of the pre-gate output, into a second tile; every other gradient is then a product
-// or a sum over n of tiles, each a loop that vectorizes. Sums run in one fixed order (over n from 0, over t from
-// the last step), so a run repeats bit for bit. The maths of a step is in scan_op.h, shared with CUDA.
+// or a sum over n of tiles, each a loop that vectorizes. Sums run in one fixed order (dots over n, over t from the
+// last step), so a run repeats bit for bit. The maths of a step is in scan_op.h, shared with CUDA.
 //
 // The gradients of A, D, delta_bias and time-invariant B and C are sums over all L steps. Added one term at a time
 // into one running total, each addition rounds relative to the total, and the error of L additions grows like
@@ -26,8 +28,9 @@
 // chunk's terms into a partial sum of at most 64 terms, and the partial into the running total, which then takes
 // L / 64 roundings instead of L, as the chunked torch scan's autograd does (python -m minijamba.bench accuracy).
 //
-// Every loop is plain arithmetic on arrays: the float32 path is compiled for AVX2 and for any x86-64 and picked
-// at load time (MJ_VECTORIZE, cpu_math.h), so that the compiler vectorizes it at the width the CPU has.
+// Every loop is plain arithmetic on arrays: the float32 path is compiled for x86-64-v3 (AVX2 and FMA) and for any
+// x86-64 and picked at load time (MJ_VECTORIZE, cpu_math.h), so that the compiler vectorizes it at the width the CPU
+// has. floor_task below is the forward's compute floor, which `python -m minijamba.bench scan` measures.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -73,12 +76,12 @@ struct Channel {
 };
 
 // One task's scratch for a chunk of steps t0 + k, k < chunk: dt[k], dt_u[k] = dt[k]·u, the decays [k·N + n], the
-// states tile [k·N + n] (the state before step k, k = 0..chunk), the readout pre[k] and one step's products C·x;
-// for the backward, the tile grad_x [k·N + n], per step the gradients of the pre-gate output, of dt and of dt·u, and
-// the chunk's partial sums over its steps of grad_A, and of grad_B and grad_C when those are time-invariant.
+// states tile [k·N + n] (the state before step k, k = 0..chunk) and the readout pre[k]; for the backward, the tile
+// grad_x [k·N + n], per step the gradients of the pre-gate output, of dt and of dt·u, and the chunk's partial sums
+// over its steps of grad_A, and of grad_B and grad_C when those are time-invariant.
 template <typename T>
 struct Workspace {
-  std::vector<T> dt, dt_u, decays, states, pre, products, grad_x, grad_pre, grad_dt, grad_dt_u, grad_A_chunk,
+  std::vector<T> dt, dt_u, decays, states, pre, grad_x, grad_pre, grad_dt, grad_dt_u, grad_A_chunk,
       grad_B_chunk, grad_C_chunk;
   explicit Workspace(const ScanArgs<T>& p)
       : dt(p.chunk),
@@ -86,7 +89,6 @@ struct Workspace {
         decays(p.chunk * p.d_state),
         states((p.chunk + 1) * p.d_state),
         pre(p.chunk),
-        products(p.d_state),
         grad_x(p.chunk * p.d_state),
         grad_pre(p.chunk),
         grad_dt(p.chunk),
@@ -95,6 +97,20 @@ struct Workspace {
         grad_B_chunk(p.d_state),
         grad_C_chunk(p.d_state) {}
 };
+
+// Σ_n a[n]·b[n], in a fixed order that vectorizes: eight running sums (sum j takes the n ≡ j mod 8 below the last
+// multiple of 8), added pairwise, then the remaining n in order. Summed in order n = 0, 1, ..., as the reference
+// does, a dot product is a chain of dependent scalar additions that costs as much as a step's N decays.
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, const int64_t N) {
+  T lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t whole = N - N % 8;
+  for (int64_t n0 = 0; n0 < whole; n0 += 8)
+    for (int64_t j = 0; j < 8; ++j) lane[j] += a[n0 + j] * b[n0 + j];
+  T sum = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+  for (int64_t n = whole; n < N; ++n) sum += a[n] * b[n];
+  return sum;
+}
 
 // Step 1's per-step part for steps t0..t1-1: dt[k] = Δ (softplus(delta + bias) if asked) and dt_u[k] = Δ·u.
 template <typename T>
@@ -110,34 +126,29 @@ void step_sizes(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, co
   for (int64_t k = 0; k < steps; ++k) dt_u[k] = dt[k] * u[k];
 }
 
-// The forward of steps t0..t1-1, steps 1-3 and the readout in one pass over k (nothing but the running state x is
-// stored), then the gate:
+// The forward of steps t0..t1-1: the step sizes, then the recurrence and the readout in one pass over k (nothing but
+// the running state x is stored), then the gate:
 //     x[n] = e^(dt_k·A[n]) · x[n] + dt_k·u_k · B_k[n],   y_k = (D·u_k + Σ_n C_k[n]·x[n]) · silu(z_k),
-// the loop over n vectorized, the sum over n in order n = 0, 1, ... .
+// the loop over n vectorized, the sum over n a `dot`.
 template <typename T>
 void forward_chunk(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, const int64_t t1, Workspace<T>& w,
                    T* __restrict x) {
   const int64_t N = p.d_state, steps = t1 - t0;
   step_sizes(p, ch, t0, t1, w);
   const T *__restrict A = ch.A, *__restrict u = ch.u + t0, *__restrict z = ch.z ? ch.z + t0 : nullptr;
-  T *__restrict products = w.products.data(), *__restrict y = p.y + ch.row + t0;
+  T* __restrict y = p.y + ch.row + t0;
   for (int64_t k = 0; k < steps; ++k) {
     const T *__restrict B_k = ch.B + (t0 + k) * ch.Bt, *__restrict C_k = ch.C + (t0 + k) * ch.Ct;
     const T dt = w.dt[k], dt_u = w.dt_u[k];
-    for (int64_t n = 0; n < N; ++n) {
-      x[n] = exp_(dt * A[n]) * x[n] + dt_u * B_k[n];
-      products[n] = C_k[n] * x[n];
-    }
-    T pre = ch.D * u[k];
-    for (int64_t n = 0; n < N; ++n) pre += products[n];
-    y[k] = pre;
+    for (int64_t n = 0; n < N; ++n) x[n] = exp_(dt * A[n]) * x[n] + dt_u * B_k[n];
+    y[k] = ch.D * u[k] + dot(C_k, x, N);
   }
   if (z) {  // the gate in a loop of its own, which vectorizes (its silu costs as much as a step's N decays)
     for (int64_t k = 0; k < steps; ++k) y[k] *= silu(z[k]);
   }
 }
 
-// Steps 1-3 again for the backward, keeping what it needs: decays[k·N + n] = e^(dt_k·A[n]) and the states tile,
+// The recurrence again for the backward, keeping what it needs: decays[k·N + n] = e^(dt_k·A[n]) and the states tile,
 // states[(k+1)·N + n] = decays[k·N + n] · states[k·N + n] + dt_k·u_k·B_k[n]; states[0..N) must hold the state
 // before t0. The same arithmetic as forward_chunk, so the recomputed states are the forward's, bit for bit.
 template <typename T>
@@ -163,9 +174,7 @@ void readout(const ScanArgs<T>& p, const Channel<T>& ch, const int64_t t0, const
   const int64_t N = p.d_state, steps = t1 - t0;
   for (int64_t k = 0; k < steps; ++k) {
     const T *__restrict C_k = ch.C + (t0 + k) * ch.Ct, *__restrict x = w.states.data() + (k + 1) * N;
-    T pre = ch.D * ch.u[t0 + k];
-    for (int64_t n = 0; n < N; ++n) pre += C_k[n] * x[n];
-    w.pre[k] = pre;
+    w.pre[k] = ch.D * ch.u[t0 + k] + dot(C_k, x, N);
   }
 }
 
@@ -212,9 +221,10 @@ void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64
       readout(p, ch, t0, t1, w);
       const T *__restrict z = ch.z + t0, *__restrict pre = w.pre.data();
       T* __restrict grad_z = p.grad_z + ch.row + t0;
-      for (int64_t k = 0; k < steps; ++k) {
-        grad_z[k] = grad_y[k] * pre[k] * silu_grad(z[k]);
-        gp[k] = grad_y[k] * silu(z[k]);
+      for (int64_t k = 0; k < steps; ++k) {  // silu(z) = z·σ(z), silu'(z) = σ(z)·(1 + z·(1 - σ(z))): one σ
+        const T s = sigmoid(z[k]);
+        grad_z[k] = grad_y[k] * pre[k] * (s * (T(1) + z[k] * (T(1) - s)));
+        gp[k] = grad_y[k] * (z[k] * s);
       }
     } else {
       std::copy_n(grad_y, steps, gp);
@@ -262,12 +272,7 @@ void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64
       }
       for (int64_t n = 0; n < N; ++n) grad_B[n] += chunk_B[n];
     }
-    for (int64_t k = 0; k < steps; ++k) {
-      const T *__restrict gx_k = gx + k * N, *__restrict B_k = ch.B + (t0 + k) * ch.Bt;
-      T sum = 0;
-      for (int64_t n = 0; n < N; ++n) sum += gx_k[n] * B_k[n];
-      gdt_u[k] = sum;
-    }
+    for (int64_t k = 0; k < steps; ++k) gdt_u[k] = dot(gx + k * N, ch.B + (t0 + k) * ch.Bt, N);
 
     // The exponent dt·A of a = e^(dt·A): its gradient gx·x_before·a overwrites gx; then A (the chunk's terms
     // summed from its last step, then added to the total) and dt (summed over n from 0).
@@ -277,11 +282,7 @@ void backward_channel(const ScanArgs<T>& p, const SharedGrads<T>& g, const int64
     for (int64_t k = steps - 1; k >= 0; --k)
       for (int64_t n = 0; n < N; ++n) grad_A_chunk[n] += gx[k * N + n] * w.dt[k];
     for (int64_t n = 0; n < N; ++n) grad_A[n] += grad_A_chunk[n];
-    for (int64_t k = 0; k < steps; ++k) {
-      T sum = 0;
-      for (int64_t n = 0; n < N; ++n) sum += gx[k * N + n] * A[n];
-      gdt[k] = sum;
-    }
+    for (int64_t k = 0; k < steps; ++k) gdt[k] = dot(gx + k * N, A, N);
 
     // u and delta (through dt = softplus(delta + bias)); D and delta_bias: the chunk's terms summed from its last
     // step, then added to the totals.

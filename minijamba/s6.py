@@ -187,7 +187,10 @@ class SelectiveSSM(nn.Module):
         self._check_input("u", u, 3)
         if z is not None and (not isinstance(z, torch.Tensor) or z.shape != u.shape):
             raise ValueError(f"z must be None or a tensor of u's shape {tuple(u.shape)}, got {getattr(z, 'shape', z)}")
-        dt, B, C = self._projections(u)
+        # Under autocast the projections come out in 16 bits while u (the conv's output, float32 weights) does not:
+        # the scan computes in u's dtype, as it would without autocast.
+        dt, B, C = (t.to(u.dtype) for t in self._projections(u))
+        z = None if z is None else z.to(u.dtype)
         A = -torch.exp(self.A_log)  # (d_inner, N)
         return selective_scan(
             u,

@@ -211,6 +211,20 @@ def test_fused_block_matches_readable_block(masked, d_model, d_state, d_conv, in
         assert_close(fused_state[1], readable_state[1], "mamba_step_float64", f"layer {i} ssm_state")
 
 
+@pytest.mark.parametrize("scan_impl", ["chunked", "cpu"])
+def test_bfloat16_autocast_runs_the_scan_in_float32(scan_impl):
+    """Under autocast the projections are bfloat16 and the conv's output float32 (its weights are): the scan takes
+    u's dtype, so a step trains (train.py autocasts on CUDA) and the logits stay near float32's."""
+    model = make_model(0, torch.float32, d_model=16, d_state=4, n_layer=2, vocab_size=11, scan_impl=scan_impl)
+    ids = tokens(2, 24, 11, 0)
+    expected = model(ids).logits
+    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids).logits
+        logits.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert_close(logits.float(), expected, "scan_bfloat16", "autocast logits vs float32")
+
+
 def held_bytes(cache):
     """Bytes of the storage behind the cache's tensors: more than cache.nbytes if one is a view into a bigger tensor."""
     return sum(t.untyped_storage().nbytes() for t in (t for state in cache.states for t in state))
