@@ -58,6 +58,7 @@ data-full: setup ## download the full TinyStories (~2 GB; needs a network) for `
 bench: setup ## run the benchmarks, print their tables, write figures/bench_*.png (minutes)
 	$(HEADLESS) $(PY) -m minijamba.bench scan
 	$(HEADLESS) $(PY) -m minijamba.bench decode
+	$(HEADLESS) $(PY) -m minijamba.bench step
 
 # On a GPU machine whose Python already has a CUDA torch (the lent ones have no network), installing nothing: PYTHON
 # names that Python (python3 by default), run with this repository on PYTHONPATH, and build/cuda-check-deps too where

@@ -31,6 +31,11 @@ Where this differs from the official `mamba_simple.py` / `mixer_seq_simple.py` a
   - The conv has no padding: its left context is the conv_state window (zeros for a fresh sequence, which is the
     official padding of d_conv − 1 zeros), so forward and step share the conv, and a forward continues a cache.
     It is written out as d_conv multiply-adds (`depthwise_causal_conv`) rather than calling torch's conv1d.
+  - Fast path: where the scan runs on the CPU twin (scan_impl "cpu", or "auto" on the CPU where it builds), the conv
+    and its SiLU run in one C++ pass (`fused.fused_causal_conv_silu`, cuda/causal_conv_cpu.cpp) that reads u
+    channels-last straight from in_proj's output, as the official fast path fuses them (causal_conv1d with its
+    SiLU); elsewhere the torch lines below run. tests/test_mamba.py checks both equal in float64, with gradients.
+    Both pass the gate z into the scan (the official kernel takes it too): y · silu(z) costs no pass of its own.
   - The official forward with a cache only takes one token after the prompt; ours takes any number (chunked prefill).
   - The vocabulary is not padded: vocab_size is the embedding's row count. An official checkpoint's vocab_size
     (50277) with pad_vocab_size_multiple (8) loads as vocab_size 50280, the padded size its embedding and head hold

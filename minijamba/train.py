@@ -547,7 +547,7 @@ def train_loop(run, progress, stop):
     session_start, session_step = time.perf_counter(), progress.step
     losses, metrics = [], {}
     bar = tqdm(total=1000, disable=run.proc.rank != 0, dynamic_ncols=True, desc=cfg.model,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")  # fmt: skip
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| first step")  # fmt: skip
     run.forward.train()
     while not _finished(cfg, progress):
         ce, lr = train_step(run, progress)
@@ -556,10 +556,10 @@ def train_loop(run, progress, stop):
         losses.append(ce)
         steps_per_s = (progress.step - session_step) / (time.perf_counter() - session_start)
         done, text = progress_line(cfg, progress.step, progress.elapsed, steps_per_s)
-        bar.n = round(1000 * done)
-        tok_s = steps_per_s * run.tokens_per_step
-        bar.set_postfix_str(f"{text}, loss {ce:.3f}, lr {lr:.2e}, {tok_s:,.0f} tok/s", refresh=False)
-        bar.update(0)
+        text += f", loss {ce:.3f}, lr {lr:.2e}, {steps_per_s * run.tokens_per_step:,.0f} tok/s"
+        # The bar shows the run's fraction done (in thousandths) and the text, literal braces escaped.
+        bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| " + text.replace("{", "{{").replace("}", "}}")
+        bar.update(round(1000 * done) - bar.n)
         if progress.step % cfg.log_every == 0:
             row = {"step": progress.step, "loss": sum(losses) / len(losses), "lr": lr, "elapsed_s": progress.elapsed}
             _log(run, row)
