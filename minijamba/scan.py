@@ -180,7 +180,7 @@ def _auto_impl(u):
         if kind not in _warned:
             _warned.add(kind)
             warnings.warn(
-                f"selective_scan: using the chunked torch scan instead of the fused one: {error}", stacklevel=3
+                f"selective_scan: using the chunked torch scan instead of the fused one: {error}", stacklevel=4
             )
         return "chunked"
 
@@ -240,8 +240,7 @@ def selective_scan(
     if impl in FUSED_IMPLS and u.device.type != FUSED_DEVICES[impl]:
         raise ValueError(f"impl={impl!r} needs tensors on the {FUSED_DEVICES[impl]} device, u is on {u.device}")
 
-    if impl == "auto":
-        impl = _auto_impl(u)
+    impl = resolve_impl(impl, u)
     if impl in FUSED_IMPLS:
         from . import fused  # here, not at the top: see _auto_impl
 

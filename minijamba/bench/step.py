@@ -58,7 +58,7 @@ class Trainer:
     """One model of the preset as train.py builds it, its AdamW, and a fixed batch: `step()` is a training step."""
 
     def __init__(self, model_name, cfg, seed=0):
-        self.name = model_name
+        self.name, self.cfg = model_name, cfg
         torch.manual_seed(seed)
         self.model = build_model(model_config(cfg))
         self.params = count_parameters(self.model.config)
@@ -117,7 +117,7 @@ def run(args):
                 times[t.name].append(1000 * (time.perf_counter() - start))
     steps_ms = {name: median(ms) for name, ms in times.items()}
     first = trainers[0]
-    cfg = TrainConfig.from_preset(first.name, args.preset, **overrides)
+    cfg = first.cfg
     print(f"training steps, preset {args.preset}: batch {cfg.batch_size} x context {cfg.context}, AdamW included; "
           f"median of {args.steps} steps each, models taking turns")  # fmt: skip
     print(f"machine: {describe_machine()}")
